@@ -5,8 +5,9 @@
 * :func:`find_lora_pairs` -- every trainable LoRA factor pair of a (PEFT) model, by structure.
 """
 
+from riemannlora.optim import ScaledAdamW, ScaledSGD
 from riemannlora.pairs import LoraPair, LoraParams, find_lora_pairs
 
 __version__ = "0.1.0"
 
-__all__ = ["LoraPair", "LoraParams", "__version__", "find_lora_pairs"]
+__all__ = ["LoraPair", "LoraParams", "ScaledAdamW", "ScaledSGD", "__version__", "find_lora_pairs"]
