@@ -399,3 +399,25 @@ def test_error_state_dict_from_other_model():
     other = rl.ScaledAdamW(tiny_peft(target_modules=["l1"]), lr=1e-3)
     with pytest.raises(ValueError, match="another model"):
         opt.load_state_dict(other.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_stacked_and_per_pair_paths_agree(dtype):
+    from riemannlora.preconditioner import precondition_pairs
+
+    pairs = make_pairs(SHAPES, SCALINGS, dtype=dtype, seed=7)
+    args = (
+        [p.a for p in pairs],
+        [p.b for p in pairs],
+        [p.a.grad for p in pairs],
+        [None, *[p.b.grad for p in pairs[1:]]],  # one missing gradient
+        [p.scaling for p in pairs],
+        1e-3,
+        True,
+    )
+    da1, db1 = precondition_pairs(*args, stacked=True)
+    da2, db2 = precondition_pairs(*args, stacked=False)
+    assert db1[0] is None and db2[0] is None
+    tol = 1e-12 if dtype == torch.float64 else 1e-4  # float32: different summation orders
+    for x, y in zip(da1 + db1[1:], da2 + db2[1:]):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol * y.abs().max().item())

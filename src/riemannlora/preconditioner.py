@@ -29,12 +29,15 @@ def compute_dtype_for(dtype: torch.dtype, gram_dtype: torch.dtype | None = None)
     return base if gram_dtype is None else torch.promote_types(base, gram_dtype)
 
 
-def _identity_fallback_cholesky(grams: Tensor) -> Tensor:
-    """Batched lower Cholesky factors, identity where the factorization fails (no sync)."""
+def _spd_inverse(grams: Tensor) -> Tensor:
+    """Batched inverse of SPD matrices from their Cholesky factors; identity where the
+    factorization fails or the inverse is not finite (no host synchronization)."""
     chol, info = torch.linalg.cholesky_ex(grams)
     eye = torch.eye(grams.shape[-1], dtype=grams.dtype, device=grams.device)
-    bad = (info != 0) | ~torch.isfinite(chol).all(dim=(-2, -1))
-    return torch.where(bad[:, None, None], eye, chol)
+    chol = torch.where((info != 0)[:, None, None], eye, chol)
+    inv = torch.cholesky_inverse(chol)
+    bad = (info != 0) | ~torch.isfinite(inv).all(dim=(-2, -1))
+    return torch.where(bad[:, None, None], eye, inv)
 
 
 def precondition_pairs(
@@ -46,6 +49,7 @@ def precondition_pairs(
     reg: float,
     scale_aware: bool,
     gram_dtype: torch.dtype | None = None,
+    stacked: bool | None = None,
 ) -> tuple[list[Tensor | None], list[Tensor | None]]:
     """Preconditioned gradients ``(D_A, D_B)`` of every pair, in the factors' shapes and dtypes.
 
@@ -57,76 +61,91 @@ def precondition_pairs(
         reg: damping ``delta >= 0`` added to both Gram matrices.
         scale_aware: use the effective factor ``s * B`` (see module docstring).
         gram_dtype: raise the precision of the r x r algebra (e.g. ``torch.float64``).
+        stacked: how the (memory-bound) Gram and apply products run. ``True`` stacks factors of
+            equal shape and uses one ``bmm`` per shape (few kernel launches: best on GPUs);
+            ``False`` runs one small ``mm`` per factor straight from the parameters' storage
+            (no copies: best on CPUs). ``None`` picks by device. Results are the same.
     """
     n_pairs = len(a)
     out_a: list[Tensor | None] = [None] * n_pairs
     out_b: list[Tensor | None] = [None] * n_pairs
-    buckets: dict[tuple, list[int]] = defaultdict(list)
+    groups: dict[tuple, list[int]] = defaultdict(list)
     for i in range(n_pairs):
         if grad_a[i] is None and grad_b[i] is None:
             continue
-        buckets[(a[i].shape, b[i].shape, a[i].dtype, b[i].dtype, a[i].device)].append(i)
-    if not buckets:
-        return out_a, out_b
-
-    # 1. Gram matrices of every bucket, stacked per rank for one batched Cholesky.
-    stacked = []
-    by_rank: dict[tuple, list[Tensor]] = defaultdict(list)
-    for key, idx in buckets.items():
-        r = a[idx[0]].shape[0]
-        m = b[idx[0]].shape[0]
-        cd = compute_dtype_for(torch.promote_types(key[2], key[3]), gram_dtype)
-        dev = key[4]
-        fa = torch.stack([a[i].detach().reshape(r, -1) for i in idx]).to(cd)  # (L, r, n)
-        fb = torch.stack([b[i].detach().reshape(m, r) for i in idx]).to(cd)  # (L, m, r)
-        gram_a = fa @ fa.mT
-        gram_b = fb.mT @ fb
+        cd = compute_dtype_for(torch.promote_types(a[i].dtype, b[i].dtype), gram_dtype)
+        groups[(a[i].shape[0], cd, a[i].device)].append(i)
+    for (r, cd, dev), idx in groups.items():
+        use_stack = dev.type != "cpu" if stacked is None else stacked
+        mats_a = [a[i].detach().reshape(r, -1) for i in idx]
+        mats_b = [b[i].detach().reshape(-1, r) for i in idx]
         coef = None
         if scale_aware:
-            coef = torch.tensor([scalings[i] ** 2 for i in idx], dtype=cd, device=dev)
-            coef = coef[:, None, None]
-            gram_b = gram_b * coef
-        rank_key = (r, cd, dev)
-        offset = sum(t.shape[0] for t in by_rank[rank_key])
-        by_rank[rank_key].append(torch.cat([gram_b, gram_a]))
-        stacked.append((key, idx, r, m, cd, rank_key, offset, coef))
-
-    chol_by_rank = {}
-    for (r, cd, dev), grams in by_rank.items():
-        g = torch.cat(grams) if len(grams) > 1 else grams[0]
+            coef = torch.tensor([scalings[i] ** 2 for i in idx], dtype=cd, device=dev)[
+                :, None, None
+            ]
+        # 1. Grams (L, r, r) of both factors, one batched factorization for the whole rank.
+        grams_b = _gram(mats_b, cd, use_stack, transpose_first=True)
+        grams_a = _gram(mats_a, cd, use_stack, transpose_first=False)
+        if coef is not None:
+            grams_b = grams_b * coef
+        grams = torch.cat([grams_b, grams_a])
         if reg:
-            g = g + reg * torch.eye(r, dtype=cd, device=dev)
-        chol_by_rank[(r, cd, dev)] = _identity_fallback_cholesky(g)
-
-    # 2. Solves, one batched call per bucket and factor.
-    for _key, idx, r, m, cd, rank_key, offset, coef in stacked:
+            grams = grams + reg * torch.eye(r, dtype=cd, device=dev)
+        inv = _spd_inverse(grams)
         n_l = len(idx)
-        chol = chol_by_rank[rank_key]
-        chol_b = chol[offset : offset + n_l]  # factors of c B^T B + reg I
-        chol_a = chol[offset + n_l : offset + 2 * n_l]  # factors of A A^T + reg I
-        if any(grad_a[i] is not None for i in idx):
-            ga = torch.stack([_grad_or_zeros(grad_a[i], a[i]).reshape(r, -1) for i in idx])
-            da = torch.cholesky_solve(ga.to(cd), chol_b).to(a[idx[0]].dtype)
-            for j, i in enumerate(idx):
-                if grad_a[i] is not None:
-                    out_a[i] = da[j].view(a[i].shape)
-        if any(grad_b[i] is not None for i in idx):
-            gb = torch.stack([_grad_or_zeros(grad_b[i], b[i]).reshape(m, r) for i in idx])
-            # D_B = G_B M^{-1} with M = L L^T: two right-sided triangular solves keep (L, m, r).
-            y = torch.linalg.solve_triangular(chol_a.mT, gb.to(cd), upper=True, left=False)
-            db = torch.linalg.solve_triangular(chol_a, y, upper=False, left=False)
-            if coef is not None:
-                db = db / coef
-            db = db.to(b[idx[0]].dtype)
-            for j, i in enumerate(idx):
-                if grad_b[i] is not None:
-                    out_b[i] = db[j].view(b[i].shape)
+        inv_b = inv[:n_l]  # (c B^T B + reg I)^{-1}
+        inv_a = inv[n_l:] if coef is None else inv[n_l:] / coef  # (A A^T + reg I)^{-1} / c
+        # 2. D_A = inv_b @ G_A and D_B = G_B @ inv_a.
+        sel_a = [j for j, i in enumerate(idx) if grad_a[i] is not None]
+        sel_b = [j for j, i in enumerate(idx) if grad_b[i] is not None]
+        gas = [grad_a[idx[j]].reshape(r, -1) for j in sel_a]
+        gbs = [grad_b[idx[j]].reshape(-1, r) for j in sel_b]
+        for j, d in zip(sel_a, _apply(inv_b, sel_a, gas, cd, use_stack, left=True)):
+            out_a[idx[j]] = d.to(a[idx[j]].dtype).view(a[idx[j]].shape)
+        for j, d in zip(sel_b, _apply(inv_a, sel_b, gbs, cd, use_stack, left=False)):
+            out_b[idx[j]] = d.to(b[idx[j]].dtype).view(b[idx[j]].shape)
     return out_a, out_b
 
 
-def _grad_or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:
-    if grad is None:
-        return torch.zeros_like(like)
-    if grad.is_sparse:
-        raise RuntimeError("sparse gradients of LoRA factors are not supported")
-    return grad
+def _buckets(mats: Sequence[Tensor]) -> dict[tuple, list[int]]:
+    by_shape: dict[tuple, list[int]] = defaultdict(list)
+    for j, t in enumerate(mats):
+        by_shape[(t.shape, t.dtype)].append(j)
+    return by_shape
+
+
+def _gram(mats: list[Tensor], cd: torch.dtype, use_stack: bool, transpose_first: bool) -> Tensor:
+    """``M^T M`` (``transpose_first``) or ``M M^T`` of every matrix, stacked ``(L, r, r)``."""
+    if not use_stack:
+        mats = [t.to(cd) for t in mats]
+        if transpose_first:
+            return torch.stack([torch.mm(t.mT, t) for t in mats])
+        return torch.stack([torch.mm(t, t.mT) for t in mats])
+    r = mats[0].shape[1] if transpose_first else mats[0].shape[0]
+    out = torch.empty(len(mats), r, r, dtype=cd, device=mats[0].device)
+    for _key, js in _buckets(mats).items():
+        st = torch.stack([mats[j] for j in js]).to(cd)
+        out[js] = st.mT @ st if transpose_first else st @ st.mT
+    return out
+
+
+def _apply(
+    inv: Tensor, sel: list[int], grads: list[Tensor], cd: torch.dtype, use_stack: bool, left: bool
+) -> list[Tensor]:
+    """``inv[j] @ g`` (``left``) or ``g @ inv[j]`` for every selected pair ``j``."""
+    if not grads:
+        return []
+    if not use_stack:
+        invs = inv.unbind(0)
+        if left:
+            return [torch.mm(invs[j], g.to(cd)) for j, g in zip(sel, grads)]
+        return [torch.mm(g.to(cd), invs[j]) for j, g in zip(sel, grads)]
+    out: list[Tensor] = [grads[0]] * len(grads)
+    for _key, ks in _buckets(grads).items():
+        st = torch.stack([grads[k] for k in ks]).to(cd)
+        m = inv[[sel[k] for k in ks]]
+        res = torch.bmm(m, st) if left else torch.bmm(st, m)
+        for k, d in zip(ks, res.unbind(0)):
+            out[k] = d
+    return out
