@@ -77,8 +77,9 @@ def precondition_pairs(
         groups[(a[i].shape[0], cd, a[i].device)].append(i)
     for (r, cd, dev), idx in groups.items():
         use_stack = dev.type != "cpu" if stacked is None else stacked
-        mats_a = [a[i].detach().reshape(r, -1) for i in idx]
-        mats_b = [b[i].detach().reshape(-1, r) for i in idx]
+        # step() runs under no_grad: the parameters are used directly, no detach needed
+        mats_a = [_matrix(a[i], r, rank_first=True) for i in idx]
+        mats_b = [_matrix(b[i], r, rank_first=False) for i in idx]
         coef = None
         if scale_aware:
             coef = torch.tensor([scalings[i] ** 2 for i in idx], dtype=cd, device=dev)[
@@ -99,13 +100,30 @@ def precondition_pairs(
         # 2. D_A = inv_b @ G_A and D_B = G_B @ inv_a.
         sel_a = [j for j, i in enumerate(idx) if grad_a[i] is not None]
         sel_b = [j for j, i in enumerate(idx) if grad_b[i] is not None]
-        gas = [grad_a[idx[j]].reshape(r, -1) for j in sel_a]
-        gbs = [grad_b[idx[j]].reshape(-1, r) for j in sel_b]
+        gas = [_matrix(grad_a[idx[j]], r, rank_first=True) for j in sel_a]
+        gbs = [_matrix(grad_b[idx[j]], r, rank_first=False) for j in sel_b]
         for j, d in zip(sel_a, _apply(inv_b, sel_a, gas, cd, use_stack, left=True)):
-            out_a[idx[j]] = d.to(a[idx[j]].dtype).view(a[idx[j]].shape)
+            out_a[idx[j]] = _like(d, a[idx[j]])
         for j, d in zip(sel_b, _apply(inv_a, sel_b, gbs, cd, use_stack, left=False)):
-            out_b[idx[j]] = d.to(b[idx[j]].dtype).view(b[idx[j]].shape)
+            out_b[idx[j]] = _like(d, b[idx[j]])
     return out_a, out_b
+
+
+def _matrix(t: Tensor, r: int, rank_first: bool) -> Tensor:
+    """The factor (or its gradient) as a matrix: ``(r, n)`` for A, ``(m, r)`` for B."""
+    if t.dim() == 2:
+        return t
+    return t.reshape(r, -1) if rank_first else t.reshape(-1, r)
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _like(d: Tensor, p: Tensor) -> Tensor:
+    """``d`` in the dtype and shape of parameter ``p`` (no-ops skipped: this runs per pair)."""
+    d = _cast(d, p.dtype)
+    return d if d.shape == p.shape else d.view(p.shape)
 
 
 def _buckets(mats: Sequence[Tensor]) -> dict[tuple, list[int]]:
@@ -118,7 +136,7 @@ def _buckets(mats: Sequence[Tensor]) -> dict[tuple, list[int]]:
 def _gram(mats: list[Tensor], cd: torch.dtype, use_stack: bool, transpose_first: bool) -> Tensor:
     """``M^T M`` (``transpose_first``) or ``M M^T`` of every matrix, stacked ``(L, r, r)``."""
     if not use_stack:
-        mats = [t.to(cd) for t in mats]
+        mats = [_cast(t, cd) for t in mats]
         if transpose_first:
             return torch.stack([torch.mm(t.mT, t) for t in mats])
         return torch.stack([torch.mm(t, t.mT) for t in mats])
@@ -139,8 +157,8 @@ def _apply(
     if not use_stack:
         invs = inv.unbind(0)
         if left:
-            return [torch.mm(invs[j], g.to(cd)) for j, g in zip(sel, grads)]
-        return [torch.mm(g.to(cd), invs[j]) for j, g in zip(sel, grads)]
+            return [torch.mm(invs[j], _cast(g, cd)) for j, g in zip(sel, grads)]
+        return [torch.mm(_cast(g, cd), invs[j]) for j, g in zip(sel, grads)]
     out: list[Tensor] = [grads[0]] * len(grads)
     for _key, ks in _buckets(grads).items():
         st = torch.stack([grads[k] for k in ks]).to(cd)
