@@ -1,0 +1,491 @@
+r"""Riemannion (Muon on the fixed-rank manifold) and Riemannian SGD for PEFT LoRA.
+
+Bogachev et al., "LoRA meets Riemannion: Muon Optimizer for Parametrization-independent Low-Rank
+Adapters", arXiv 2507.12142. Each adapted layer's effective delta ``X = U V^T`` (rank r, U with
+orthonormal columns) is optimized as a point of the manifold of rank-r matrices, so the
+trajectory of X does not depend on how it is factored. One step for one layer, with
+``G = dL/dW`` known only through ``G Q`` and ``G^T U`` (see :mod:`riemannlora.manifold`)::
+
+    xi_g  = P_X(G)                                   Riemannian gradient (dU_g, dV_g)
+    M     = beta P_X(M_prev) + (1 - tau) xi_g        transport by projection, heavy ball
+    D     = beta M + (1 - tau) xi_g  (Nesterov)  or  M
+    D_o   = P_X(msign(D))                            Riemannion only ("OrthoLR", exact SVD)
+    X    <- best rank-r approximation of  X - lr * (D_o + wd' X)       (truncated SVD)
+
+with ``tau = 0`` for Riemannion and ``tau = beta`` for Riemannian SGD (which skips the msign).
+All tangent vectors are kept in factor form ``dU Q^T + U dV^T`` (never an ``m x n`` matrix);
+the small QR/SVDs run in float32 or better and are batched over layers of equal shape. The
+momentum is stored as the factor pair ``Pm = [dU | U_old]`` ``(m, 2r)``, ``Rm = [Q_old | dV]``
+``(n, 2r)`` in ``self.state`` (``state[lora_B]["momentum_left"]``,
+``state[lora_A]["momentum_right"]``), so ``state_dict()``/``load_state_dict()`` resume exactly.
+
+Every other trainable parameter (biases, heads, ``modules_to_save``) is updated by
+``torch.optim.AdamW``'s own functional kernel, bitwise as ``torch.optim.AdamW`` would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim.adam import adam
+
+from riemannlora.geometry import (
+    msign_tangent,
+    orthonormal_basis,
+    project_tangent,
+    retract,
+    riemannian_gradient,
+    tangent_to_factors,
+    transport,
+)
+from riemannlora.manifold import ManifoldLayer, group_indices, to_manifold
+from riemannlora.optim.scaled import _check_number
+
+__all__ = ["SCALE_LR_CHOICES", "RiemannianSGD", "Riemannion", "lr_multiplier", "manifold_step"]
+
+#: Accepted values of ``Riemannion(scale_lr=...)``.
+SCALE_LR_CHOICES = (None, "match_adamw")
+
+_MOMENTUM_KEYS = ("momentum_left", "momentum_right")
+
+
+def lr_multiplier(scale_lr: str | None, m: int, n: int) -> float:
+    """Learning-rate multiplier of a ``(m, n)`` layer: 1, or ``0.2 sqrt(max(m, n))`` for
+    ``"match_adamw"`` (Moonlight's rule, which gives the update the RMS of an AdamW update)."""
+    if scale_lr is None:
+        return 1.0
+    if scale_lr == "match_adamw":
+        return 0.2 * math.sqrt(max(m, n))
+    raise ValueError(f"scale_lr must be one of {SCALE_LR_CHOICES}, got {scale_lr!r}")
+
+
+def manifold_step(
+    U: Tensor,
+    V: Tensor,
+    Q: Tensor,
+    GQ: Tensor,
+    GtU: Tensor,
+    Pm: Tensor | None,
+    Rm: Tensor | None,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    orthogonalize: bool = True,
+    store_orthogonalized: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """One Riemannion / Riemannian-SGD step for a stack of layers of equal shape.
+
+    Args:
+        U ``(..., m, r)``: orthonormal left factor; V ``(..., n, r)``: right factor;
+        Q ``(..., n, r)``: the row basis the forward pass used.
+        GQ ``(..., m, r)``, GtU ``(..., n, r)``: ``G Q`` and ``G^T U`` from the backward pass.
+        Pm ``(..., m, 2r)``, Rm ``(..., n, 2r)``: momentum ``Pm Rm^T`` of the previous step
+            (None: zero momentum).
+        lr: step size; weight_decay: decoupled, ``X <- X - lr (D + weight_decay X)``.
+        momentum: beta in ``[0, 1)``; dampening: tau, the new gradient enters as
+            ``(1 - tau) xi_g`` (0 for Riemannion, beta for Riemannian SGD).
+        nesterov: use ``beta M + (1 - tau) xi_g`` instead of ``M``.
+        orthogonalize: apply ``P_X(msign(.))`` (Riemannion) or not (SGD).
+        store_orthogonalized: store the orthogonalized direction as momentum instead of M.
+
+    Returns:
+        ``(U_new, V_new, Q_new, Pm_new, Rm_new)`` in the compute dtype; the momentum factors are
+        None when ``momentum == 0``.
+    """
+    dU_g, dV_g = riemannian_gradient(U, GQ, GtU)
+    g = 1.0 - dampening
+    if momentum:
+        if Pm is None or Rm is None:
+            dU, dV = g * dU_g, g * dV_g
+        else:
+            dU_p, dV_p = transport(U, Q, Pm, Rm)
+            dU, dV = momentum * dU_p + g * dU_g, momentum * dV_p + g * dV_g
+        if nesterov:
+            uU, uV = momentum * dU + g * dU_g, momentum * dV + g * dV_g
+        else:
+            uU, uV = dU, dV
+    else:
+        dU, dV = uU, uV = dU_g, dV_g
+    if orthogonalize:
+        O_L, O_R = msign_tangent(U, Q, uU, uV)
+        oU, oV = project_tangent(U, Q, O_L, O_R)
+    else:
+        oU, oV = uU, uV
+    U_new, V_new = retract(U, V, Q, oU, oV, lr, weight_decay)
+    Q_new = orthonormal_basis(V_new)
+    if not momentum:
+        return U_new, V_new, Q_new, None, None
+    mU, mV = (oU, oV) if store_orthogonalized else (dU, dV)
+    Pm_new, Rm_new = tangent_to_factors(U, Q, mU, mV)
+    return U_new, V_new, Q_new, Pm_new, Rm_new
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def _check_beta(name: str, value: Any) -> None:
+    _check_number(name, value)
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+class _ManifoldOptimizer(torch.optim.Optimizer):
+    """Shared plumbing of :class:`Riemannion` and :class:`RiemannianSGD`."""
+
+    _orthogonalize: bool = True
+    _damped: bool = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        nesterov: bool,
+        extra: dict[str, Any],
+        adamw_lr: float | None,
+        adamw_betas: tuple[float, float],
+        adamw_eps: float,
+        adamw_weight_decay: float,
+        generator: torch.Generator | None,
+    ) -> None:
+        cls = type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{cls} takes the model itself (e.g. the peft.PeftModel), which it converts to "
+                f"manifold form; got {type(model).__name__}. A list of parameters cannot work: "
+                "the optimizer must rewrite the LoRA layers."
+            )
+        _check_number("lr", lr, low=0.0, strict=True)
+        _check_beta("momentum", momentum)
+        _check_number("weight_decay", weight_decay, low=0.0)
+        _check_bool("nesterov", nesterov)
+        if nesterov and not momentum:
+            raise ValueError("nesterov=True requires momentum > 0")
+        if adamw_lr is not None:
+            _check_number("adamw_lr", adamw_lr, low=0.0, strict=True)
+        if not isinstance(adamw_betas, tuple | list) or len(adamw_betas) != 2:
+            raise ValueError(f"adamw_betas must be a pair (beta1, beta2), got {adamw_betas!r}")
+        for k, beta in enumerate(adamw_betas):
+            _check_beta(f"adamw_betas[{k}]", beta)
+        _check_number("adamw_eps", adamw_eps, low=0.0)
+        _check_number("adamw_weight_decay", adamw_weight_decay, low=0.0)
+
+        layers = to_manifold(model, generator=generator)
+        in_layers = {id(p) for layer in layers for p in (layer.a, layer.b)}
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in in_layers]
+        defaults = {
+            "lr": float(lr),
+            "momentum": float(momentum),
+            "weight_decay": float(weight_decay),
+            "nesterov": nesterov,
+            **extra,
+        }
+        groups: list[dict[str, Any]] = [
+            {
+                "params": [p for layer in layers for p in (layer.a, layer.b)],
+                "manifold": True,
+                "layer_names": [layer.name for layer in layers],
+                "ranks": [layer.rank for layer in layers],
+                "offsets": [layer.offset for layer in layers],
+            }
+        ]
+        if others:
+            groups.append(
+                {
+                    "params": others,
+                    "manifold": False,
+                    "lr": float(lr if adamw_lr is None else adamw_lr),
+                    "betas": tuple(float(b) for b in adamw_betas),
+                    "eps": float(adamw_eps),
+                    "weight_decay": float(adamw_weight_decay),
+                    "amsgrad": False,
+                    "maximize": False,
+                    "foreach": None,
+                    "capturable": False,
+                    "differentiable": False,
+                    "fused": None,
+                    "decoupled_weight_decay": True,
+                }
+            )
+        super().__init__(groups, defaults)
+        self._layers: list[ManifoldLayer] = layers
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step (``closure`` re-evaluates the model, as in torch)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["manifold"]:
+                self._manifold_step(group)
+            else:
+                self._adamw_step(group)
+        return loss
+
+    def _manifold_step(self, group: dict[str, Any]) -> None:
+        params = group["params"]
+        active: list[int] = []
+        for k, layer in enumerate(self._layers):
+            a, b = params[2 * k], params[2 * k + 1]
+            if layer.a is not a or layer.b is not b:
+                raise RuntimeError(
+                    f"the LoRA factors of {layer.name!r} were replaced after this optimizer was "
+                    "created (e.g. by riemannlora.init_loi or to_manifold(with_offset=True)); "
+                    "create the optimizer after initializing the model"
+                )
+            if a.grad is None and b.grad is None:
+                continue
+            if a.grad is None or b.grad is None:
+                raise RuntimeError(f"{layer.name!r}: only one of lora_A/lora_B has a gradient")
+            active.append(k)
+        keys = []
+        for k in active:
+            a, b = params[2 * k], params[2 * k + 1]
+            keys.append((b.shape[0], a.shape[1], group["ranks"][k], a.dtype, a.device))
+        lr, wd, beta = float(group["lr"]), group["weight_decay"], group["momentum"]
+        for (m, n, r, dtype, _), idx in group_indices(keys).items():
+            ks = [active[i] for i in idx]
+            A = [params[2 * k] for k in ks]
+            B = [params[2 * k + 1] for k in ks]
+            U = torch.stack([b[:, r : 2 * r] for b in B])
+            V = torch.stack([a[r : 2 * r].mT for a in A])
+            Q = torch.stack([a[:r].mT for a in A])
+            GQ = torch.stack([b.grad[:, :r] for b in B])
+            GtU = torch.stack([a.grad[r : 2 * r].mT for a in A])
+            Pm, Rm = self._stacked_momentum(A, B, m, n, r)
+            step_lr = lr * lr_multiplier(group.get("scale_lr"), m, n)
+            U_new, V_new, Q_new, Pm_new, Rm_new = manifold_step(
+                U,
+                V,
+                Q,
+                GQ,
+                GtU,
+                Pm,
+                Rm,
+                lr=step_lr,
+                # decoupled decay with the unscaled lr, as torch's Muon: X (1 - lr wd) - step_lr D
+                weight_decay=wd * lr / step_lr,
+                momentum=beta,
+                dampening=beta if self._damped else 0.0,
+                nesterov=group["nesterov"],
+                orthogonalize=self._orthogonalize,
+                store_orthogonalized=group.get("store_orthogonalized", False),
+            )
+            torch._foreach_zero_([b[:, :r] for b in B])  # Z1 stays 0
+            torch._foreach_copy_([b[:, r : 2 * r] for b in B], list(U_new.to(dtype).unbind(0)))
+            torch._foreach_copy_([a[:r] for a in A], list(Q_new.mT.to(dtype).unbind(0)))
+            torch._foreach_copy_([a[r : 2 * r] for a in A], list(V_new.mT.to(dtype).unbind(0)))
+            for j, (a, b) in enumerate(zip(A, B)):
+                st_a, st_b = self.state[a], self.state[b]
+                st_b["step"] = st_b.get("step", torch.tensor(0.0)) + 1
+                if Pm_new is not None and Rm_new is not None:
+                    st_b["momentum_left"] = Pm_new[j]
+                    st_a["momentum_right"] = Rm_new[j]
+
+    def _stacked_momentum(
+        self, A: list[Tensor], B: list[Tensor], m: int, n: int, r: int
+    ) -> tuple[Tensor | None, Tensor | None]:
+        lefts = [self.state[b].get("momentum_left") for b in B]
+        rights = [self.state[a].get("momentum_right") for a in A]
+        present = [x for x in lefts if x is not None]
+        if not present:
+            return None, None
+        ref = present[0]
+        lefts = [ref.new_zeros(m, 2 * r) if x is None else x for x in lefts]
+        rights = [ref.new_zeros(n, 2 * r) if x is None else x for x in rights]
+        return torch.stack(lefts), torch.stack(rights)
+
+    def _adamw_step(self, group: dict[str, Any]) -> None:
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        exp_avgs: list[Tensor] = []
+        exp_avg_sqs: list[Tensor] = []
+        max_exp_avg_sqs: list[Tensor] = []
+        steps: list[Tensor] = []
+        # torch's own state initialization, so the state is exactly torch.optim.AdamW's
+        has_complex = torch.optim.Adam._init_group(
+            self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+        )
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        adam(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            steps,
+            amsgrad=group["amsgrad"],
+            has_complex=has_complex,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+            foreach=group["foreach"],
+            capturable=group["capturable"],
+            differentiable=group["differentiable"],
+            fused=group["fused"],
+            decoupled_weight_decay=True,
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict after checking it was saved for the same manifold layers; the
+        momentum factors keep their saved (compute) dtype."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"optimizer state dict has {len(groups) if isinstance(groups, list) else 'no'} "
+                f"param groups, this optimizer has {len(self.param_groups)}: it was saved for "
+                "another model or configuration"
+            )
+        for mine, saved in zip(self.param_groups, groups):
+            if bool(saved.get("manifold")) != mine["manifold"]:
+                raise ValueError("optimizer state dict was saved by another optimizer class")
+            if mine["manifold"]:
+                for key in ("layer_names", "ranks", "offsets"):
+                    if list(saved.get(key, [])) != list(mine[key]):
+                        raise ValueError(
+                            f"optimizer state dict does not match this model's manifold layers "
+                            f"({key} differ: saved {saved.get(key)!r}, model {mine[key]!r}). "
+                            "Convert the model the same way first (with_offset=True for a run "
+                            "started with init_loi)."
+                        )
+        super().load_state_dict(state_dict)
+        for mine, saved in zip(self.param_groups, groups):
+            if not mine["manifold"]:
+                continue
+            for idx, p in zip(saved["params"], mine["params"]):
+                for key, value in state_dict["state"].get(idx, {}).items():
+                    if key in _MOMENTUM_KEYS:
+                        self.state[p][key] = value.to(device=p.device)
+
+
+class Riemannion(_ManifoldOptimizer):
+    r"""Riemannion: Muon's orthogonalized momentum on the manifold of rank-r matrices.
+
+    For each LoRA layer, with ``X = U V^T`` the effective delta and ``P_X`` the projection onto
+    its tangent space::
+
+        M_t   = beta P_X(M_{t-1}) + P_X(G_t)
+        D_t   = beta M_t + P_X(G_t)   if nesterov  else  M_t
+        X    <- rank-r truncated SVD of  X (1 - lr wd) - lr_l P_X(msign(D_t))
+
+    with ``lr_l = lr`` or ``lr * 0.2 sqrt(max(m, n))`` (``scale_lr="match_adamw"``). The
+    trajectory of X is the same for every factorization of the starting point.
+
+    Side effect: the model is converted to manifold form (:func:`riemannlora.to_manifold`,
+    idempotent) -- create the optimizer *after* :func:`riemannlora.init_loi` if you use it, and
+    use :func:`riemannlora.export_adapter` (or ``model.save_pretrained``, which is redirected to
+    it) to save a standard PEFT adapter.
+
+    Gradient clipping: ``clip_grad_norm_`` over the converted model also counts gradient blocks
+    the optimizer ignores (``dL/dU``, ``dL/dQ``, offsets), so it does not clip the Riemannian
+    gradient exactly.
+
+    Args:
+        model: the PEFT model (``peft.PeftModel``) with LoRA on Linear layers.
+        lr: learning rate (> 0; paper: 1e-4 for Llama-3-8B). LR schedulers work as usual.
+        momentum: beta in ``[0, 1)`` (0.9).
+        weight_decay: decoupled weight decay of X (``>= 0``; paper: 0.00316).
+        nesterov: Nesterov-style update ``beta M + grad``.
+        store_orthogonalized: keep ``P_X(msign(D_t))`` as the momentum (the paper's algorithm
+            box) instead of the raw ``M_t`` (default, as Muon).
+        scale_lr: None or ``"match_adamw"``.
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: ``torch.optim.AdamW`` settings of
+            all other trainable parameters (``adamw_lr`` defaults to ``lr``).
+        generator: draws the random orthonormal U of adapters converted from ``lora_B == 0``.
+    """
+
+    _orthogonalize = True
+    _damped = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        *,
+        nesterov: bool = False,
+        store_orthogonalized: bool = False,
+        scale_lr: str | None = None,
+        adamw_lr: float | None = None,
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        _check_bool("store_orthogonalized", store_orthogonalized)
+        if scale_lr not in SCALE_LR_CHOICES:
+            raise ValueError(f"scale_lr must be one of {SCALE_LR_CHOICES}, got {scale_lr!r}")
+        super().__init__(
+            model,
+            lr,
+            momentum,
+            weight_decay,
+            nesterov,
+            {"store_orthogonalized": store_orthogonalized, "scale_lr": scale_lr},
+            adamw_lr,
+            adamw_betas,
+            adamw_eps,
+            adamw_weight_decay,
+            generator,
+        )
+
+
+class RiemannianSGD(_ManifoldOptimizer):
+    r"""Riemannian SGD with momentum on the manifold of rank-r matrices (no orthogonalization)::
+
+        M_t = beta P_X(M_{t-1}) + (1 - beta) P_X(G_t)
+        D_t = beta M_t + (1 - beta) P_X(G_t)   if nesterov  else  M_t
+        X  <- rank-r truncated SVD of  X (1 - lr wd) - lr D_t
+
+    ``momentum=0`` is plain Riemannian gradient descent. Everything else (conversion, other
+    parameters, state, arguments) is as :class:`Riemannion`.
+    """
+
+    _orthogonalize = False
+    _damped = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        *,
+        nesterov: bool = False,
+        adamw_lr: float | None = None,
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            lr,
+            momentum,
+            weight_decay,
+            nesterov,
+            {},
+            adamw_lr,
+            adamw_betas,
+            adamw_eps,
+            adamw_weight_decay,
+            generator,
+        )

@@ -1,0 +1,367 @@
+"""Riemannion / RiemannianSGD against a dense float64 re-implementation of the spec, invariance
+to the factorization, state-dict resume, the AdamW group, and argument validation."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import riemannlora as rl
+from riemannlora.manifold import manifold_layers
+from test_manifold import (
+    assert_bitwise_equal,
+    base_weights,
+    dense_gradients,
+    lm_loss,
+    mlp_data,
+    mlp_loss,
+    peft_llama,
+    peft_mlp,
+    token_batch,
+)
+
+torch.set_num_threads(2)
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+# --------------------------------------------------------------------------------------------
+# dense float64 reference of the spec's step
+# --------------------------------------------------------------------------------------------
+
+
+def proj(U, Q, Z):
+    """P_X(Z) = U U^T Z + (I - U U^T) Z Q Q^T."""
+    P = U @ U.T
+    return P @ Z + (Z - P @ Z) @ Q @ Q.T
+
+
+def dense_msign(Z):
+    u, s, vh = torch.linalg.svd(Z, full_matrices=False)
+    keep = s > 1e-12 * s.max()
+    return u[:, keep] @ vh[keep]
+
+
+def dense_step(U, V, Q, G, M_prev, *, lr, wd, beta, nesterov, orth, store_orth, damp=0.0):
+    """X_new (dense) and the momentum to store, per the spec (section 'Riemannion, one step')."""
+    r = U.shape[1]
+    X = U @ V.T
+    g = proj(U, Q, G)
+    M = (1 - damp) * g + (beta * proj(U, Q, M_prev) if M_prev is not None else 0)
+    D = beta * M + (1 - damp) * g if nesterov else M
+    D_o = proj(U, Q, dense_msign(D)) if orth else D
+    u, s, vh = torch.linalg.svd(X - lr * (D_o + wd * X), full_matrices=False)
+    return u[:, :r] @ torch.diag(s[:r]) @ vh[:r], (D_o if store_orth else M)
+
+
+def run_dense_check(opt_cls, steps=3, **kw):
+    lr = kw.pop("lr", 0.05)
+    wd = kw.get("weight_decay", 0.0)
+    beta = kw.get("momentum", 0.9)
+    nesterov = kw.get("nesterov", False)
+    store_orth = kw.get("store_orthogonalized", False)
+    scale = kw.get("scale_lr")
+    orth = opt_cls is rl.Riemannion
+    _, model = peft_mlp(init=kw.pop("init", False))
+    data = mlp_data()
+    opt = opt_cls(model, lr=lr, generator=torch.Generator().manual_seed(0), **kw)
+    layers = manifold_layers(model)
+    momentum = {layer.name: None for layer in layers}
+    for _ in range(steps):
+        G = dense_gradients(model, lambda mdl: mlp_loss(mdl, data))
+        before = {
+            layer.name: (
+                layer.U().detach().clone(),
+                layer.V().detach().clone(),
+                layer.Q().detach().clone(),
+            )
+            for layer in layers
+        }
+        opt.zero_grad()
+        mlp_loss(model, data).backward()
+        opt.step()
+        for layer in layers:
+            U, V, Q = before[layer.name]
+            m, n = layer.m, layer.n
+            step_lr = lr * (0.2 * max(m, n) ** 0.5 if scale == "match_adamw" else 1.0)
+            X_ref, M_ref = dense_step(
+                U, V, Q, G[layer.name], momentum[layer.name],
+                lr=step_lr, wd=wd * lr / step_lr, beta=beta, nesterov=nesterov, orth=orth,
+                store_orth=store_orth, damp=beta if opt_cls is rl.RiemannianSGD else 0.0,
+            )  # fmt: skip
+            torch.testing.assert_close(layer.point().detach(), X_ref, atol=1e-11, rtol=1e-9)
+            st_ = opt.state
+            if beta:
+                Pm, Rm = st_[layer.b]["momentum_left"], st_[layer.a]["momentum_right"]
+                torch.testing.assert_close(Pm @ Rm.T, M_ref, atol=1e-11, rtol=1e-9)
+            momentum[layer.name] = M_ref if beta else None
+    return model, opt, layers
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"weight_decay": 0.1, "nesterov": True},
+        {"store_orthogonalized": True, "momentum": 0.5},
+        {"scale_lr": "match_adamw", "lr": 0.01, "weight_decay": 0.05},
+        {"momentum": 0.0},
+        {"init": True},  # first step from V = 0 (X = 0)
+    ],
+)
+def test_riemannion_matches_dense_reference(kw):
+    run_dense_check(rl.Riemannion, **kw)
+
+
+@pytest.mark.parametrize("kw", [{}, {"nesterov": True, "weight_decay": 0.1}, {"momentum": 0.0}])
+def test_riemannian_sgd_matches_dense_reference(kw):
+    run_dense_check(rl.RiemannianSGD, lr=0.5, **kw)
+
+
+def test_invariants_after_steps():
+    """Rank r, orthonormal U, Z1 = 0, Q spans V, base bitwise unchanged; first step from X = 0."""
+    _, model = peft_mlp(init=True)  # PEFT default: B = 0
+    base = base_weights(model)
+    data = mlp_data()
+    opt = rl.Riemannion(
+        model, lr=0.05, weight_decay=0.01, generator=torch.Generator().manual_seed(0)
+    )
+    layers = manifold_layers(model)
+    for _ in range(4):
+        opt.zero_grad()
+        mlp_loss(model, data).backward()
+        opt.step()
+        for layer in layers:
+            r = layer.rank
+            U, V, Q = layer.U().detach(), layer.V().detach(), layer.Q().detach()
+            eye = torch.eye(r, dtype=U.dtype)
+            torch.testing.assert_close(U.T @ U, eye, atol=1e-12, rtol=0)
+            torch.testing.assert_close(Q.T @ Q, eye, atol=1e-12, rtol=0)
+            assert torch.equal(layer.Z1(), torch.zeros_like(layer.Z1()))
+            s = torch.linalg.svdvals(layer.point().detach())
+            assert s[r - 1] > 1e-6 * s[0] and (r == len(s) or s[r] < 1e-12 * s[0])
+            torch.testing.assert_close(Q @ (Q.T @ V), V, atol=1e-12, rtol=0)
+    assert_bitwise_equal(base, model)
+
+
+@settings(deadline=None, max_examples=4)
+@given(seed=st.integers(0, 10_000))
+def test_riemannion_is_invariant_to_factorization(seed):
+    """(B S, S^-1 A) and (B, A) give the same X after 3 Riemannion steps."""
+    X1 = _effective_after_steps(seed, rl.Riemannion, transform=False)
+    X2 = _effective_after_steps(seed, rl.Riemannion, transform=True)
+    for k in X1:
+        torch.testing.assert_close(X2[k], X1[k], atol=1e-10, rtol=1e-8)
+
+
+def test_riemannian_sgd_is_invariant_to_factorization():
+    X1 = _effective_after_steps(7, rl.RiemannianSGD, transform=False, lr=0.5)
+    X2 = _effective_after_steps(7, rl.RiemannianSGD, transform=True, lr=0.5)
+    for k in X1:
+        torch.testing.assert_close(X2[k], X1[k], atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("opt_name", ["AdamW", "Muon"])
+def test_euclidean_optimizers_are_not_invariant(opt_name):
+    X1 = _effective_after_steps(7, opt_name, transform=False)
+    X2 = _effective_after_steps(7, opt_name, transform=True)
+    rel = max(((X2[k] - X1[k]).norm() / X1[k].norm()).item() for k in X1)
+    assert rel > 1e-2, rel
+
+
+def _effective_after_steps(seed, opt, transform, steps=3, lr=0.02):
+    """Effective deltas after ``steps`` steps from the adapter (B, A) or (B S, S^-1 A)."""
+    _, model = peft_mlp(seed=0)
+    if transform:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for m in model.modules():
+                if hasattr(m, "lora_A") and "default" in m.lora_A:
+                    r = m.lora_A["default"].weight.shape[0]
+                    S = torch.randn(r, r, generator=g, dtype=torch.float64) + 2 * torch.eye(
+                        r, dtype=torch.float64
+                    )
+                    m.lora_B["default"].weight.copy_(m.lora_B["default"].weight @ S)
+                    m.lora_A["default"].weight.copy_(
+                        torch.linalg.solve(S, m.lora_A["default"].weight)
+                    )
+    if opt in ("AdamW", "Muon"):
+        lora = [p for n, p in model.named_parameters() if "lora_" in n]
+        optimizer = (
+            torch.optim.AdamW(lora, lr=lr, weight_decay=0.0)
+            if opt == "AdamW"
+            else torch.optim.Muon(lora, lr=lr, weight_decay=0.0)
+        )
+    else:
+        optimizer = opt(model, lr=lr)
+    data = mlp_data()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        mlp_loss(model, data).backward()
+        optimizer.step()
+    out = {}
+    for name, m in model.named_modules():
+        if hasattr(m, "lora_A") and "default" in m.lora_A:
+            out[name] = (
+                m.lora_B["default"].weight @ m.lora_A["default"].weight * m.scaling["default"]
+            ).detach()
+    return out
+
+
+def _train(model, opt, ids, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        lm_loss(model, ids).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("use_loi", [False, True])
+def test_state_dict_resume_is_bitwise(use_loi):
+    ids = token_batch()
+    kw = {"lr": 0.01, "weight_decay": 0.01, "adamw_lr": 1e-3, "adamw_weight_decay": 0.1}
+
+    def fresh():
+        _, model = peft_llama(modules_to_save=["lm_head"])
+        return model
+
+    def start():
+        model = fresh()
+        if use_loi:
+            rl.init_loi(
+                model, lambda: lm_loss(model, ids), generator=torch.Generator().manual_seed(1)
+            )
+        return model, rl.Riemannion(model, generator=torch.Generator().manual_seed(0), **kw)
+
+    model, opt = start()
+    _train(model, opt, ids, 2)
+    buf_m, buf_o = io.BytesIO(), io.BytesIO()
+    torch.save(model.state_dict(), buf_m)
+    torch.save(opt.state_dict(), buf_o)
+    _train(model, opt, ids, 3)
+
+    resumed = fresh()
+    rl.to_manifold(resumed, with_offset=use_loi)
+    buf_m.seek(0)
+    buf_o.seek(0)
+    resumed.load_state_dict(torch.load(buf_m))
+    opt2 = rl.Riemannion(resumed, **kw)
+    opt2.load_state_dict(torch.load(buf_o))
+    _train(resumed, opt2, ids, 3)
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), resumed.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_resume_rejects_other_layout():
+    ids = token_batch()
+    _, model = peft_llama()
+    opt = rl.Riemannion(model, lr=0.01)
+    _train(model, opt, ids, 1)
+    sd = opt.state_dict()
+    _, other = peft_llama(r=3)
+    with pytest.raises(ValueError, match="ranks differ"):
+        rl.Riemannion(other, lr=0.01).load_state_dict(sd)
+
+
+def test_other_parameters_follow_torch_adamw_bitwise():
+    ids = token_batch()
+    _, model = peft_llama(modules_to_save=["lm_head"])
+    ref = copy.deepcopy(model)
+    opt = rl.Riemannion(
+        model,
+        lr=0.01,
+        adamw_lr=3e-3,
+        adamw_betas=(0.8, 0.99),
+        adamw_eps=1e-6,
+        adamw_weight_decay=0.1,
+    )
+    rl.to_manifold(ref)
+    others = [p for n, p in ref.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert others and len(opt.param_groups) == 2 and not opt.param_groups[1]["manifold"]
+    ref_opt = torch.optim.AdamW(others, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        lm_loss(model, ids).backward()
+        for n, p in model.named_parameters():  # the same gradients for the reference
+            if p.requires_grad and "lora_" not in n:
+                ref.get_parameter(n).grad = p.grad.clone()
+        opt.step()
+        ref_opt.step()
+        for n, p in model.named_parameters():
+            if p.requires_grad and "lora_" not in n:
+                assert torch.equal(p, ref.get_parameter(n)), n
+                # torch's own state layout
+                assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_lr_scheduler_is_honoured():
+    _, m1 = peft_mlp()
+    _, m2 = peft_mlp()
+    data = mlp_data()
+    o1 = rl.Riemannion(m1, lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(o1, lambda step: 0.25)
+    assert o1.param_groups[0]["lr"] == pytest.approx(0.025)
+    o2 = rl.Riemannion(m2, lr=0.025)
+    for mdl, o in ((m1, o1), (m2, o2)):
+        mlp_loss(mdl, data).backward()
+        o.step()
+    sched.step()
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p1, p2)
+
+
+def test_low_precision_adapter_weights():
+    """bf16 adapter weights: QR/SVD run in float32, U stays orthonormal to bf16 accuracy."""
+    _, model = peft_mlp(init=False, dtype=torch.bfloat16)
+    data = tuple(t.to(torch.bfloat16) for t in mlp_data())
+    opt = rl.Riemannion(model, lr=0.05)
+    for _ in range(2):
+        opt.zero_grad()
+        mlp_loss(model, data).float().backward()
+        opt.step()
+    for layer in manifold_layers(model):
+        U = layer.U().float()
+        torch.testing.assert_close(U.T @ U, torch.eye(layer.rank), atol=2e-2, rtol=0)
+        assert opt.state[layer.b]["momentum_left"].dtype == torch.float32
+
+
+def test_optimizer_detects_rebuilt_layers():
+    ids = token_batch()
+    _, model = peft_llama()
+    opt = rl.Riemannion(model, lr=0.01)
+    rl.init_loi(model, lambda: lm_loss(model, ids))
+    lm_loss(model, ids).backward()
+    with pytest.raises(RuntimeError, match="create the optimizer after"):
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "match"),
+    [
+        ({"lr": 0.0}, ValueError, "lr must be > 0.0, got 0.0"),
+        ({"lr": -1e-3}, ValueError, "lr must be > 0.0"),
+        ({"lr": float("nan")}, ValueError, "lr must be finite"),
+        ({"lr": 0.1, "momentum": 1.0}, ValueError, r"momentum must be in \[0, 1\), got 1.0"),
+        ({"lr": 0.1, "momentum": -0.1}, ValueError, r"momentum must be in \[0, 1\)"),
+        ({"lr": 0.1, "weight_decay": -1.0}, ValueError, "weight_decay must be >= 0.0"),
+        ({"lr": 0.1, "momentum": 0.0, "nesterov": True}, ValueError, "nesterov"),
+        ({"lr": 0.1, "scale_lr": "muon"}, ValueError, "scale_lr must be one of"),
+        ({"lr": 0.1, "adamw_betas": (0.9, 1.0)}, ValueError, r"adamw_betas\[1\]"),
+        ({"lr": 0.1, "adamw_lr": 0.0}, ValueError, "adamw_lr must be > 0.0"),
+    ],
+)
+def test_argument_validation(kw, exc, match):
+    _, model = peft_mlp()
+    with pytest.raises(exc, match=match):
+        rl.Riemannion(model, **kw)
+
+
+def test_rejects_parameter_lists():
+    _, model = peft_mlp()
+    with pytest.raises(TypeError, match="takes the model itself"):
+        rl.Riemannion(list(model.parameters()), lr=0.1)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+        rl.RiemannianSGD(model, lr=0.1, momentum=1.5)
