@@ -24,6 +24,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--regs", type=float, nargs="+", default=[0.0, 1e-6, 1e-4, 1e-2, 1.0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--grid",
+        nargs="+",
+        default=["ScaledAdamW:1e-3", "ScaledAdamW:3e-3", "ScaledSGD:0.1", "ScaledSGD:0.3"],
+        help="optimizer:lr pairs",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from peft import LoraConfig, TaskType, get_peft_model
@@ -63,7 +69,7 @@ def main() -> None:
 
     print("| optimizer | lr | scale_aware | " + " | ".join(f"reg={r:g}" for r in args.regs) + " |")
     print("|---|---|---|" + "---|" * len(args.regs))
-    grid = [("ScaledAdamW", 1e-3), ("ScaledAdamW", 3e-3), ("ScaledSGD", 0.1), ("ScaledSGD", 0.3)]
+    grid = [(g.split(":")[0], float(g.split(":")[1])) for g in args.grid]
     for (opt_name, lr), aware in itertools.product(grid, [True, False]):
         cells = []
         for reg in args.regs:

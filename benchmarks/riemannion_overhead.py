@@ -7,8 +7,9 @@ batches (``riemannlora.tasks``). Four measurements, all interleaved in one proce
    the LoRA factors (per-factor, ``adjust_lr_fn="match_rms_adamw"``), Riemannion.
 2. the whole training step (forward + backward + step) on the same real batches: AdamW-LoRA vs
    Riemannion (whose adapters run at width 2r for the one-backward Riemannian gradient).
-3. peak memory of a training run (max RSS of a fresh subprocess per method on CPU,
-   ``torch.cuda.max_memory_allocated`` on GPU), AdamW-LoRA vs Riemannion.
+3. peak memory of a training run: a fresh subprocess per method; on CPU the peak resident set
+   (``VmHWM``) during the training steps, reset after the model is loaded through
+   ``/proc/self/clear_refs`` (Linux); on GPU ``torch.cuda.max_memory_allocated``.
 4. ``init_loi`` (p=16, q=1: 4 backward passes) as a multiple of one training step.
 
     python benchmarks/riemannion_overhead.py            # CPU
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import resource
 import statistics
 import time
 
@@ -137,9 +137,11 @@ def _peak_child(name: str, args, q) -> None:
     torch.set_num_threads(args.threads)
     model, tok = build(args.rank, args.device)
     data = batches(tok, 4, args.batch_size, args.device)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
+            f.write("5")
     opt = make_optimizer(name, model)
     for batch in data:
         model(**batch).loss.backward()
@@ -148,8 +150,15 @@ def _peak_child(name: str, args, q) -> None:
     if args.device.startswith("cuda"):
         q.put(torch.cuda.max_memory_allocated() / 2**20)
     else:
-        q.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB -> MiB
-    del base
+        q.put(_vm_hwm_mib())
+
+
+def _vm_hwm_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
+    return float("nan")
 
 
 def peak_memory(args) -> dict[str, float]:
@@ -198,7 +207,7 @@ def main() -> None:
     )
     if not args.skip_memory:
         mem = peak_memory(args)
-        what = "max allocated" if args.device.startswith("cuda") else "max RSS"
+        what = "max allocated" if args.device.startswith("cuda") else "peak RSS while training"
         print(f"| peak memory ({what}) | MiB | vs AdamW-LoRA |\n|---|---|---|")
         for name, mib in mem.items():
             print(f"| {name} | {mib:.0f} | {mib / mem['adamw']:.3f}x |")
