@@ -13,6 +13,7 @@ Models not built with PEFT declare their pairs explicitly::
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -48,6 +49,16 @@ class LoraPair:
                     f"LoraPair {self.name!r}: factor {what} must be at least 2-D, got shape "
                     f"{tuple(p.shape)}"
                 )
+            if not p.is_floating_point():
+                raise TypeError(
+                    f"LoraPair {self.name!r}: factor {what} must be a real floating-point "
+                    f"tensor, got {p.dtype}"
+                )
+        if self.a.device != self.b.device:
+            raise ValueError(
+                f"LoraPair {self.name!r}: factors on different devices ({self.a.device} and "
+                f"{self.b.device}); move the model to one device first"
+            )
         if self.a is self.b:
             raise ValueError(f"LoraPair {self.name!r}: a and b are the same tensor")
         if any(d != 1 for d in self.b.shape[2:]):
@@ -60,6 +71,13 @@ class LoraPair:
                 f"LoraPair {self.name!r}: mismatched pair shapes: a is {tuple(self.a.shape)} "
                 f"(rank {self.a.shape[0]}) but b is {tuple(self.b.shape)} (rank "
                 f"{self.b.shape[1]}). Pass a=lora_A (r, n_in) and b=lora_B (n_out, r)."
+            )
+        if isinstance(self.scaling, torch.Tensor) and self.scaling.numel() == 1:
+            object.__setattr__(self, "scaling", self.scaling.item())
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, numbers.Real):
+            raise TypeError(
+                f"LoraPair {self.name!r}: scaling must be a real number, got "
+                f"{type(self.scaling).__name__}"
             )
         scaling = float(self.scaling)
         if not (scaling == scaling and abs(scaling) != float("inf")) or scaling == 0.0:
@@ -211,7 +229,12 @@ def as_lora_params(params: object) -> LoraParams:
         return find_lora_pairs(params)
     if isinstance(params, Iterable) and not isinstance(params, torch.Tensor | dict | str):
         items = list(params)
-        if items and all(isinstance(x, LoraPair) for x in items):
+        if not items:
+            raise ValueError(
+                "no LoRA pairs given (an empty list): pass the model, or at least one "
+                "riemannlora.LoraPair"
+            )
+        if all(isinstance(x, LoraPair) for x in items):
             return LoraParams(items)
         raise TypeError(
             "riemannlora optimizers need pairing information: pass the model itself (e.g. the "

@@ -15,7 +15,7 @@ the step is then the plain gradient step, always finite.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -50,6 +50,8 @@ def precondition_pairs(
     scale_aware: bool,
     gram_dtype: torch.dtype | None = None,
     stacked: bool | None = None,
+    *,
+    reduce_gram_b: Callable[[list[Tensor]], None] | None = None,
 ) -> tuple[list[Tensor | None], list[Tensor | None]]:
     """Preconditioned gradients ``(D_A, D_B)`` of every pair, in the factors' shapes and dtypes.
 
@@ -65,6 +67,10 @@ def precondition_pairs(
             equal shape and uses one ``bmm`` per shape (few kernel launches: best on GPUs);
             ``False`` runs one small ``mm`` per factor straight from the parameters' storage
             (no copies: best on CPUs). ``None`` picks by device. Results are the same.
+        reduce_gram_b: called once, before any factorization, with the stacked ``B^T B`` of
+            every rank group (``(L, r, r)`` tensors in the compute dtype); it must sum them in
+            place over the row shards of ``B``. Sharded training passes one batched all-reduce
+            here (:mod:`riemannlora.distributed`); ``None`` when ``b`` holds whole factors.
     """
     n_pairs = len(a)
     out_a: list[Tensor | None] = [None] * n_pairs
@@ -75,29 +81,37 @@ def precondition_pairs(
             continue
         cd = compute_dtype_for(torch.promote_types(a[i].dtype, b[i].dtype), gram_dtype)
         groups[(a[i].shape[0], cd, a[i].device)].append(i)
+    # 1. Grams (L, r, r) of both factors for every rank group (B's may be partial sums).
+    grams: list[tuple[Tensor, Tensor]] = []
     for (r, cd, dev), idx in groups.items():
         use_stack = dev.type != "cpu" if stacked is None else stacked
         # step() runs under no_grad: the parameters are used directly, no detach needed
-        mats_a = [_matrix(a[i], r, rank_first=True) for i in idx]
         mats_b = [_matrix(b[i], r, rank_first=False) for i in idx]
+        mats_a = [_matrix(a[i], r, rank_first=True) for i in idx]
+        grams.append(
+            (
+                _gram(mats_b, cd, use_stack, transpose_first=True),
+                _gram(mats_a, cd, use_stack, transpose_first=False),
+            )
+        )
+    if reduce_gram_b is not None and grams:
+        reduce_gram_b([g_b for g_b, _ in grams])
+    # 2. one batched factorization per rank, then D_A = inv_b @ G_A and D_B = G_B @ inv_a.
+    for ((r, cd, dev), idx), (grams_b, grams_a) in zip(groups.items(), grams):
+        use_stack = dev.type != "cpu" if stacked is None else stacked
         coef = None
         if scale_aware:
             coef = torch.tensor([scalings[i] ** 2 for i in idx], dtype=cd, device=dev)[
                 :, None, None
             ]
-        # 1. Grams (L, r, r) of both factors, one batched factorization for the whole rank.
-        grams_b = _gram(mats_b, cd, use_stack, transpose_first=True)
-        grams_a = _gram(mats_a, cd, use_stack, transpose_first=False)
-        if coef is not None:
             grams_b = grams_b * coef
-        grams = torch.cat([grams_b, grams_a])
+        both = torch.cat([grams_b, grams_a])
         if reg:
-            grams = grams + reg * torch.eye(r, dtype=cd, device=dev)
-        inv = _spd_inverse(grams)
+            both = both + reg * torch.eye(r, dtype=cd, device=dev)
+        inv = _spd_inverse(both)
         n_l = len(idx)
         inv_b = inv[:n_l]  # (c B^T B + reg I)^{-1}
         inv_a = inv[n_l:] if coef is None else inv[n_l:] / coef  # (A A^T + reg I)^{-1} / c
-        # 2. D_A = inv_b @ G_A and D_B = G_B @ inv_a.
         sel_a = [j for j, i in enumerate(idx) if grad_a[i] is not None]
         sel_b = [j for j, i in enumerate(idx) if grad_b[i] is not None]
         gas = [_matrix(grad_a[idx[j]], r, rank_first=True) for j in sel_a]

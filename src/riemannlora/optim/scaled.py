@@ -10,7 +10,6 @@ the optimizer state is exactly torch's.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,8 +18,16 @@ from torch import Tensor
 from torch.optim.adam import adam
 from torch.optim.sgd import sgd
 
-from riemannlora.pairs import LoraParams, as_lora_params
-from riemannlora.preconditioner import precondition_pairs
+from riemannlora.distributed import local, precondition_local, wrap_like
+from riemannlora.optim.guard import NonFiniteGuard
+from riemannlora.optim.validation import (
+    check_group_hyperparameters,
+    check_lora_pair,
+    check_state_dict,
+    run_closure,
+)
+from riemannlora.optim.validation import check_number as _check_number
+from riemannlora.pairs import LoraPair, LoraParams, as_lora_params
 
 __all__ = ["DEFAULT_REG", "DEFAULT_SCALE_AWARE", "ScaledAdamW", "ScaledSGD"]
 
@@ -28,19 +35,6 @@ __all__ = ["DEFAULT_REG", "DEFAULT_SCALE_AWARE", "ScaledAdamW", "ScaledSGD"]
 DEFAULT_REG = 1e-6
 #: Default convention: precondition with the effective factor ``s * B``.
 DEFAULT_SCALE_AWARE = True
-
-
-def _check_number(name: str, value: Any, *, low: float | None = None, strict: bool = False) -> None:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value <= low if strict else value < low):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value}")
 
 
 def _lora_groups(params: LoraParams, extra: dict[str, Any]) -> list[dict[str, Any]]:
@@ -66,11 +60,18 @@ def _lora_groups(params: LoraParams, extra: dict[str, Any]) -> list[dict[str, An
     return groups
 
 
-class _ScaledMixin:
-    """Shared plumbing: pairing metadata in param groups, preconditioning, safe state loading."""
+class _ScaledMixin(NonFiniteGuard):
+    """Shared plumbing: pairing metadata in param groups, the guarded step, safe state loading.
+
+    ``step()`` computes every LoRA direction ``D`` first, checks gradients and directions for
+    NaN/Inf (:mod:`riemannlora.optim.guard`), and only then lets the subclass run torch's
+    update kernel per group (:meth:`_update_group`). Factors may be FSDP2 DTensors
+    (:mod:`riemannlora.distributed`).
+    """
 
     param_groups: list[dict[str, Any]]
     state: dict
+    _names: dict[int, str]
 
     def _extra_defaults(self, reg: float, scale_aware: bool, gram_dtype) -> dict[str, Any]:
         _check_number("reg", reg, low=0.0)
@@ -78,13 +79,25 @@ class _ScaledMixin:
             raise TypeError(f"scale_aware must be a bool, got {type(scale_aware).__name__}")
         if gram_dtype not in (None, torch.float32, torch.float64):
             raise ValueError(
-                f"gram_dtype must be None, torch.float32 or torch.float64, got {gram_dtype}"
+                f"gram_dtype must be None, torch.float32 or torch.float64, got {gram_dtype!r}"
             )
         return {"reg": float(reg), "scale_aware": scale_aware, "gram_dtype": gram_dtype}
+
+    def _init_names(self, params: LoraParams) -> None:
+        """Names of the parameters, for error messages."""
+        self._names = {}
+        for pair in params.pairs:
+            self._names[id(pair.a)] = f"{pair.name or 'pair'}.lora_A"
+            self._names[id(pair.b)] = f"{pair.name or 'pair'}.lora_B"
+        for k, p in enumerate(params.others):
+            names = params.other_names
+            self._names[id(p)] = names[k] if k < len(names) else f"other parameter {k}"
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group. Plain parameters get the plain rule; LoRA groups need ``lora=True``,
         params ``[A0, B0, A1, B1, ...]`` and one ``scalings`` entry per pair."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         param_group.setdefault("lora", False)
         if param_group["lora"]:
             params = list(param_group["params"])
@@ -94,54 +107,94 @@ class _ScaledMixin:
                     "a LoRA param group needs params [A0, B0, A1, B1, ...] and one 'scalings' "
                     "entry per pair; build it from riemannlora.find_lora_pairs(model)"
                 )
-            # validates shapes (raises on mismatched pairs)
-            from riemannlora.pairs import LoraPair
-
-            for k in range(len(scalings)):
+            for k in range(len(scalings)):  # validates shapes (raises on mismatched pairs)
                 LoraPair(params[2 * k], params[2 * k + 1], scalings[k], f"pair {k}")
         super().add_param_group(param_group)  # type: ignore[misc]
 
-    @staticmethod
-    def _preconditioned_grads(
-        group: dict[str, Any], params_with_grad: list[Tensor]
-    ) -> list[Tensor]:
-        params = group["params"]
-        a, b = params[0::2], params[1::2]
-        ga = [p.grad for p in a]
-        gb = [p.grad for p in b]
-        da, db = precondition_pairs(
-            a, b, ga, gb, group["scalings"], group["reg"], group["scale_aware"], group["gram_dtype"]
-        )
-        by_id = {id(p): d for p, d in zip(a, da)}
-        by_id.update({id(p): d for p, d in zip(b, db)})
-        return [by_id[id(p)] for p in params_with_grad]
+    def _name(self, p: Tensor) -> str:
+        """A readable name of parameter ``p`` (pair name and factor for LoRA factors)."""
+        for group in self.param_groups:
+            for k, q in enumerate(group["params"]):
+                if q is p and group["lora"] and k // 2 < len(group.get("pair_names", ())):
+                    return f"{group['pair_names'][k // 2] or 'pair'}.lora_{'AB'[k % 2]}"
+        return getattr(self, "_names", {}).get(id(p), f"parameter of shape {tuple(p.shape)}")
+
+    def _directions(self) -> tuple[dict[int, Tensor], list[Tensor], list[tuple[str, Tensor]]]:
+        """``D`` (local shard) of every LoRA factor with a gradient, keyed by ``id(param)``, and
+        the tensors the guard checks, with (kind, owner): the gradients of plain parameters and
+        the directions of LoRA factors. A non-finite ``G`` always gives a non-finite ``D``
+        (the inverse Grams are SPD: their diagonal is positive), so raw LoRA gradients need no
+        second pass."""
+        directions: dict[int, Tensor] = {}
+        checked: list[Tensor] = []
+        owners: list[tuple[str, Tensor]] = []
+        for gi, group in enumerate(self.param_groups):
+            check_group_hyperparameters(gi, group)
+            params = group["params"]
+            grads = [p.grad for p in params]
+            if not group["lora"]:
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        checked.append(g)
+                        owners.append(("gradient", p))
+                continue
+            a, b = params[0::2], params[1::2]
+            for pa, pb in zip(a, b):
+                check_lora_pair(pa, pb, self._name)
+            ds = precondition_local(
+                a,
+                b,
+                grads[0::2],
+                grads[1::2],
+                group["scalings"],
+                group["reg"],
+                group["scale_aware"],
+                group["gram_dtype"],
+            )
+            for factors, dirs in zip((a, b), ds):
+                for p, d in zip(factors, dirs):
+                    if d is not None:
+                        directions[id(p)] = d
+                        checked.append(d)
+                        owners.append(("preconditioned direction", p))
+        return directions, checked, owners
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Perform one optimization step (``closure`` re-evaluates the model, as in torch).
+
+        Nothing changes when a gradient or direction is not finite (``nonfinite="skip"``:
+        ``skipped_steps`` goes up; ``"raise"``: :class:`~riemannlora.optim.guard.NonFiniteError`).
+        """
+        loss = run_closure(closure)
+        directions, checked, owners = self._directions()
+        labels = lambda: [_label(kind, p, self) for kind, p in owners]  # noqa: E731
+        if self._step_allowed(checked, labels, sharded_like=[p for _, p in owners]):
+            for group in self.param_groups:
+                self._update_group(group, directions)
+        return loss
+
+    def _update_group(self, group: dict[str, Any], directions: dict[int, Tensor]) -> None:
+        """Run torch's update kernel on one group (LoRA groups: ``directions`` as gradients)."""
+        raise NotImplementedError
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The keys every non-empty per-parameter state of ``group`` must hold."""
+        raise NotImplementedError
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, after checking it belongs to the same LoRA layout."""
-        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
-            raise ValueError(
-                f"optimizer state dict has {len(groups) if isinstance(groups, list) else 'no'} "
-                f"param groups, this optimizer has {len(self.param_groups)}: it was saved for "
-                "another model or configuration"
-            )
-        for mine, saved in zip(self.param_groups, groups):
-            if bool(saved.get("lora", False)) != bool(mine["lora"]) or len(saved["params"]) != len(
-                mine["params"]
-            ):
-                raise ValueError(
-                    "optimizer state dict does not match this optimizer's LoRA pairs (different "
-                    "number of pairs or parameters): it was saved for another model"
-                )
-            for idx, p in zip(saved["params"], mine["params"]):
-                st = state_dict["state"].get(idx, {})
-                for k, v in st.items():
-                    if isinstance(v, Tensor) and v.dim() > 0 and v.shape != p.shape:
-                        raise ValueError(
-                            f"optimizer state '{k}' has shape {tuple(v.shape)} but the parameter "
-                            f"is {tuple(p.shape)}: the state dict is from another model or rank"
-                        )
+        """Load a state dict, after checking that it belongs to the same LoRA layout and holds
+        finite values; on any error nothing is loaded."""
+        check_state_dict(self, state_dict, self._state_keys, self._name)
         super().load_state_dict(state_dict)  # type: ignore[misc]
+
+
+def _label(kind: str, p: Tensor, opt: _ScaledMixin) -> str:
+    """``"gradient of X"`` or, when X's own gradient is finite, ``"preconditioned direction of
+    X"`` (only called after a failed check)."""
+    if kind != "gradient" and p.grad is not None and bool(torch.isfinite(local(p.grad)).all()):
+        return f"{kind} of {opt._name(p)}"
+    return f"gradient of {opt._name(p)}"
 
 
 class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
@@ -155,7 +208,8 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
         p <- p - lr m_hat / (sqrt(v_hat) + eps)
 
     Every other trainable parameter follows ``torch.optim.AdamW`` bitwise. State is AdamW's.
-    ``.grad`` is never modified.
+    ``.grad`` is never modified. Factors may be FSDP2 DTensors (exact, see
+    :mod:`riemannlora.distributed`).
 
     Args:
         model: the model (e.g. a ``peft.PeftModel``), ``find_lora_pairs(model)`` or a list of
@@ -167,6 +221,9 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
             paper (False).
         bias_correction: Adam bias correction (on, as torch; off reproduces some reference runs).
         gram_dtype: ``torch.float64`` to run the r x r algebra in double precision.
+        nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` it (default; counted in
+            ``skipped_steps``), ``"raise"``, or ``"off"`` (no check). See
+            :mod:`riemannlora.optim.guard`.
     """
 
     def __init__(
@@ -184,6 +241,7 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
         maximize: bool = False,
         foreach: bool | None = None,
         gram_dtype: torch.dtype | None = None,
+        nonfinite: str = "skip",
     ) -> None:
         _check_number("lr", lr, low=0.0, strict=True)
         if not isinstance(betas, tuple | list) or len(betas) != 2:
@@ -198,9 +256,10 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
             raise ValueError("bias_correction=False supports neither amsgrad nor maximize")
         extra = self._extra_defaults(reg, scale_aware, gram_dtype)
         extra["bias_correction"] = bool(bias_correction)
-        groups = _lora_groups(as_lora_params(model), extra)
+        self._init_guard(nonfinite)
+        params = as_lora_params(model)
         super().__init__(
-            groups,
+            _lora_groups(params, extra),
             lr=lr,
             betas=tuple(betas),
             eps=eps,
@@ -210,51 +269,51 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
             foreach=foreach,
         )
         self.defaults.update(extra)
+        self._init_names(params)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimization step (``closure`` re-evaluates the model, as in torch)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
-            has_complex = self._init_group(
-                group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        keys = ("step", "exp_avg", "exp_avg_sq")
+        return (*keys, "max_exp_avg_sq") if group["amsgrad"] else keys
+
+    def _update_group(self, group: dict[str, Any], directions: dict[int, Tensor]) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
+        has_complex = self._init_group(
+            group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+        )
+        if not params:
+            return
+        if group["lora"]:  # the directions replace the gradients; sharded: local shards
+            grads = [directions[id(p)] for p in params]
+            params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (
+                [local(t) for t in ts] for ts in (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
             )
-            if not params:
-                continue
-            if group["lora"]:
-                grads = self._preconditioned_grads(group, params)
-            beta1, beta2 = group["betas"]
-            if group.get("bias_correction", True):
-                adam(
-                    params,
-                    grads,
-                    exp_avgs,
-                    exp_avg_sqs,
-                    max_exp_avg_sqs,
-                    steps,
-                    amsgrad=group["amsgrad"],
-                    has_complex=has_complex,
-                    beta1=beta1,
-                    beta2=beta2,
-                    lr=group["lr"],
-                    weight_decay=group["weight_decay"],
-                    eps=group["eps"],
-                    maximize=group["maximize"],
-                    foreach=group["foreach"],
-                    capturable=group["capturable"],
-                    differentiable=group["differentiable"],
-                    fused=group["fused"],
-                    decoupled_weight_decay=True,
-                )
-            else:
-                _adam_without_bias_correction(
-                    params, grads, exp_avgs, exp_avg_sqs, steps, beta1, beta2, group
-                )
-        return loss
+        beta1, beta2 = group["betas"]
+        if not group.get("bias_correction", True):
+            _adam_without_bias_correction(
+                params, grads, exp_avgs, exp_avg_sqs, steps, beta1, beta2, group
+            )
+            return
+        adam(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            steps,
+            amsgrad=group["amsgrad"],
+            has_complex=has_complex,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+            foreach=group["foreach"],
+            capturable=group["capturable"],
+            differentiable=group["differentiable"],
+            fused=group["fused"],
+            decoupled_weight_decay=True,
+        )
 
 
 def _adam_without_bias_correction(
@@ -292,7 +351,7 @@ class ScaledSGD(_ScaledMixin, torch.optim.SGD):
         model: the model, ``find_lora_pairs(model)`` or a list of :class:`~riemannlora.LoraPair`.
         lr: learning rate (> 0).
         weight_decay: decoupled weight decay (``>= 0``).
-        reg, scale_aware, gram_dtype: as :class:`ScaledAdamW`.
+        reg, scale_aware, gram_dtype, nonfinite: as :class:`ScaledAdamW`.
         momentum, dampening, nesterov, maximize, foreach: as ``torch.optim.SGD``.
     """
 
@@ -310,15 +369,17 @@ class ScaledSGD(_ScaledMixin, torch.optim.SGD):
         maximize: bool = False,
         foreach: bool | None = None,
         gram_dtype: torch.dtype | None = None,
+        nonfinite: str = "skip",
     ) -> None:
         _check_number("lr", lr, low=0.0, strict=True)
         _check_number("weight_decay", weight_decay, low=0.0)
         _check_number("momentum", momentum, low=0.0)
         _check_number("dampening", dampening)
         extra = self._extra_defaults(reg, scale_aware, gram_dtype)
-        groups = _lora_groups(as_lora_params(model), extra)
+        self._init_guard(nonfinite)
+        params = as_lora_params(model)
         super().__init__(
-            groups,
+            _lora_groups(params, extra),
             lr=lr,
             momentum=momentum,
             dampening=dampening,
@@ -328,41 +389,42 @@ class ScaledSGD(_ScaledMixin, torch.optim.SGD):
             foreach=foreach,
         )
         self.defaults.update(extra)
+        self._init_names(params)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimization step (``closure`` re-evaluates the model, as in torch)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            momentum_buffers: list[Tensor | None] = []
-            has_sparse = self._init_group(group, params, grads, momentum_buffers)
-            if not params:
-                continue
-            if group["lora"]:
-                grads = self._preconditioned_grads(group, params)
-            wd = group["weight_decay"]  # decoupled: applied here, not added to the gradient
-            if wd:
-                torch._foreach_mul_(params, 1 - group["lr"] * wd)
-            sgd(
-                params,
-                grads,
-                momentum_buffers,
-                weight_decay=0.0,
-                momentum=group["momentum"],
-                lr=group["lr"],
-                dampening=group["dampening"],
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-                has_sparse_grad=has_sparse,
-                foreach=group["foreach"],
-                fused=group["fused"],
-            )
-            if group["momentum"] != 0:
-                for p, buf in zip(params, momentum_buffers):
-                    self.state[p]["momentum_buffer"] = buf
-        return loss
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] else ()
+
+    def _update_group(self, group: dict[str, Any], directions: dict[int, Tensor]) -> None:
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        buffers: list[Tensor | None] = []
+        has_sparse = self._init_group(group, params, grads, buffers)
+        if not params:
+            return
+        new_buffer = [buf is None for buf in buffers]
+        updated = params
+        if group["lora"]:  # the directions replace the gradients; sharded: local shards
+            grads = [directions[id(p)] for p in params]
+            updated = [local(p) for p in params]
+            buffers = [None if buf is None else local(buf) for buf in buffers]
+        wd = group["weight_decay"]  # decoupled: applied here, not added to the gradient
+        if wd:
+            torch._foreach_mul_(updated, 1 - group["lr"] * wd)
+        sgd(
+            updated,
+            grads,
+            buffers,
+            weight_decay=0.0,
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            has_sparse_grad=has_sparse,
+            foreach=group["foreach"],
+            fused=group["fused"],
+        )
+        if group["momentum"] != 0:
+            for p, buf, new in zip(params, buffers, new_buffer):
+                if new:  # sgd() created it from the (local) direction
+                    self.state[p]["momentum_buffer"] = wrap_like(buf, p)

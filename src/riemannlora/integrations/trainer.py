@@ -1,0 +1,114 @@
+"""``transformers.Trainer`` with riemannlora optimizers.
+
+The recommended route is :class:`RiemannTrainer`, a ``Trainer`` whose ``create_optimizer()``
+builds the optimizer from the model itself::
+
+    from riemannlora.integrations.trainer import RiemannTrainer
+
+    trainer = RiemannTrainer(
+        model=peft_model,
+        args=TrainingArguments(output_dir="out", learning_rate=2e-4, lr_scheduler_type="cosine"),
+        train_dataset=train,
+        optimizer_factory=lambda model: riemannlora.ScaledAdamW(model, lr=2e-4),  # optional
+    )
+    trainer.train()                                  # later: trainer.train(resume_from_checkpoint=True)
+
+Without ``optimizer_factory`` it builds :func:`default_optimizer`, a ``ScaledAdamW`` with
+``learning_rate``, ``adam_beta1/2``, ``adam_epsilon`` and ``weight_decay`` from the
+``TrainingArguments``. A factory's ``lr`` is the base rate that Trainer's scheduler
+(``lr_scheduler_type``, ``warmup_*``) then scales, as it would scale ``learning_rate``. Only this
+route works with every launcher: ``create_optimizer()`` is called by Trainer itself, after
+Accelerate has set up the model, and the factory receives the unwrapped model, where the LoRA
+pairs can be found. Under FSDP2, Accelerate then swaps the optimizer's parameters for their
+sharded DTensors, which the optimizers handle exactly (:mod:`riemannlora.distributed`). FSDP1's
+flattened parameters cannot be paired; use FSDP2 (``fsdp_version: 2``).
+
+The plain route also works (not under FSDP, which Trainer refuses): build the optimizer and
+scheduler yourself and pass ``Trainer(..., optimizers=(opt, sched))``. Then ``learning_rate`` and
+``lr_scheduler_type`` are ignored.
+
+Either way, checkpoints (``save_steps``) store the optimizer's ``state_dict()`` in
+``optimizer.pt``, and ``resume_from_checkpoint`` restores it through the optimizer's validating
+``load_state_dict``. ``trainer.save_model()`` writes a standard PEFT adapter. Gradient clipping
+(``max_grad_norm``), gradient accumulation and ``bf16`` autocast happen before ``step()`` and
+need nothing special. A step that the optimizer skips because of non-finite gradients is logged
+as ``skipped_steps``. Trainer still advances its LR scheduler for that step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from riemannlora.optim import ScaledAdamW
+
+__all__ = ["RiemannTrainer", "default_optimizer"]
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+def default_optimizer(model: nn.Module, args: TrainingArguments) -> ScaledAdamW:
+    """``ScaledAdamW`` with the AdamW hyper-parameters of ``args`` (lr, betas, eps, decay)."""
+    return ScaledAdamW(
+        model,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=args.weight_decay,
+    )
+
+
+class RiemannTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains with a riemannlora optimizer.
+
+    Args:
+        *args, **kwargs: as ``transformers.Trainer`` (except ``optimizers`` /
+            ``optimizer_cls_and_kwargs``, which would bypass the factory).
+        optimizer_factory: ``model -> optimizer``, called once with the unwrapped model;
+            default: :func:`default_optimizer` from the ``TrainingArguments``.
+    """
+
+    def __init__(
+        self, *args: Any, optimizer_factory: OptimizerFactory | None = None, **kwargs: Any
+    ):
+        if optimizer_factory is not None and not callable(optimizer_factory):
+            raise TypeError(
+                f"optimizer_factory must be callable (model -> optimizer), got "
+                f"{type(optimizer_factory).__name__}"
+            )
+        for key in ("optimizers", "optimizer_cls_and_kwargs"):
+            if kwargs.get(key) not in (None, (None, None)):
+                raise ValueError(
+                    f"RiemannTrainer builds the optimizer with optimizer_factory; do not pass "
+                    f"{key!r} too (or use a plain transformers.Trainer with optimizers=...)"
+                )
+        super().__init__(*args, **kwargs)
+        self.optimizer_factory = optimizer_factory
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Build the optimizer from the unwrapped model (once; Trainer calls this itself)."""
+        if self.optimizer is None:
+            target = self.accelerator.unwrap_model(self.model if model is None else model)
+            if self.optimizer_factory is None:
+                optimizer = default_optimizer(target, self.args)
+            else:
+                optimizer = self.optimizer_factory(target)
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(
+                    f"optimizer_factory returned {type(optimizer).__name__}, not a "
+                    "torch.optim.Optimizer"
+                )
+            self.optimizer = optimizer
+        return self.optimizer
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Trainer's logging, plus the optimizer's ``skipped_steps`` when it has any."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # AcceleratedOptimizer
+        skipped = getattr(inner, "skipped_steps", 0)
+        if skipped:
+            logs = {**logs, "skipped_steps": skipped}
+        super().log(logs, start_time)

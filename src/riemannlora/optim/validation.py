@@ -1,0 +1,145 @@
+"""Argument and state validation shared by the optimizers: fail early, name the problem, and
+leave model and optimizer untouched."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from riemannlora.distributed import local
+
+__all__ = [
+    "check_group_hyperparameters",
+    "check_lora_pair",
+    "check_number",
+    "check_state_dict",
+    "run_closure",
+]
+
+
+def check_number(name: str, value: Any, *, low: float | None = None, strict: bool = False) -> None:
+    """Raise unless ``value`` is a finite real number (``>= low``, or ``> low`` if ``strict``)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value <= low if strict else value < low):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value}")
+
+
+def run_closure(closure: Callable[[], Any] | None) -> Any:
+    """Call ``closure`` with gradients enabled; its result must be a loss or ``None``."""
+    if closure is None:
+        return None
+    if not callable(closure):
+        raise TypeError(f"closure must be callable or None, got {type(closure).__name__}")
+    with torch.enable_grad():
+        loss = closure()
+    if loss is not None and (isinstance(loss, bool) or not isinstance(loss, Tensor | int | float)):
+        raise TypeError(
+            f"closure must return the loss (a tensor or a number) or None, got "
+            f"{type(loss).__name__}; nothing was updated"
+        )
+    return loss
+
+
+def check_group_hyperparameters(index: int, group: dict[str, Any]) -> None:
+    """Non-finite hyper-parameters set after construction (e.g. by a scheduler) fail loudly."""
+    values = [(k, group[k]) for k in ("lr", "weight_decay", "eps", "momentum") if k in group]
+    values += [(f"betas[{k}]", v) for k, v in enumerate(group.get("betas", ()))]
+    for key, value in values:
+        if isinstance(value, float | int) and not math.isfinite(value):
+            raise ValueError(f"param group {index}: {key} is {value}; nothing was updated")
+    lr = group["lr"]
+    if isinstance(lr, float | int) and lr < 0:
+        raise ValueError(f"param group {index}: lr must be >= 0, got {lr}; nothing was updated")
+
+
+def check_lora_pair(a: Tensor, b: Tensor, name: Callable[[Tensor], str]) -> None:
+    """Cheap per-step checks of a pair that may have changed since construction (``name(p)``
+    names a parameter; called only to build an error message)."""
+    if a.shape[0] != b.shape[1]:
+        raise ValueError(
+            f"LoRA pair {name(a)!r}: lora_A is {tuple(a.shape)} but lora_B is {tuple(b.shape)} "
+            "(the factors were resized after the optimizer was built); build a new optimizer"
+        )
+    for p in (a, b):
+        if p.grad is not None and p.grad.layout != torch.strided:
+            raise TypeError(
+                f"LoRA factor {name(p)!r}: {p.grad.layout} gradients are not supported (the "
+                "preconditioner needs dense gradients); disable sparse gradients for LoRA layers"
+            )
+
+
+def check_state_dict(
+    opt: torch.optim.Optimizer,
+    state_dict: Any,
+    state_keys: Callable[[dict[str, Any]], tuple[str, ...]],
+    name: Callable[[Tensor], str],
+) -> None:
+    """Raise if ``state_dict`` was not saved by an optimizer of ``opt``'s type for this LoRA
+    layout (groups, pairs, scalings, shapes, the ``state_keys(group)`` of every non-empty
+    per-parameter state) or holds NaN/Inf. ``name(p)`` names parameters in messages."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+    groups, state = state_dict.get("param_groups"), state_dict.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict):
+        raise ValueError("not an optimizer state dict: 'state' or 'param_groups' missing")
+    if len(groups) != len(opt.param_groups):
+        raise ValueError(
+            f"optimizer state dict has {len(groups)} param groups, this optimizer has "
+            f"{len(opt.param_groups)}: it was saved for another model or configuration"
+        )
+    for mine, saved in zip(opt.param_groups, groups):
+        if not isinstance(saved, dict) or "params" not in saved:
+            raise ValueError("optimizer state dict has a malformed param group")
+        if bool(saved.get("lora", False)) != bool(mine["lora"]) or len(saved["params"]) != len(
+            mine["params"]
+        ):
+            raise ValueError(
+                "optimizer state dict does not match this optimizer's LoRA pairs (different "
+                "number of pairs or parameters): it was saved for another model"
+            )
+        if mine["lora"] and not _same_scalings(saved.get("scalings"), mine["scalings"]):
+            raise ValueError(
+                f"optimizer state dict was saved for LoRA scalings {saved.get('scalings')} but "
+                f"this model has {mine['scalings']}: another model (lora_alpha or rank differ)"
+            )
+        keys = state_keys(mine)
+        for idx, p in zip(saved["params"], mine["params"]):
+            st = state.get(idx, {})
+            missing = [k for k in keys if k not in st] if st else []
+            if missing:
+                raise ValueError(
+                    f"optimizer state of {name(p)} lacks {missing}: the state dict was "
+                    f"saved by another optimizer type than {type(opt).__name__}"
+                )
+            for k, v in st.items():
+                if not isinstance(v, Tensor):
+                    continue
+                if v.dim() > 0 and v.shape != p.shape:
+                    raise ValueError(
+                        f"optimizer state '{k}' has shape {tuple(v.shape)} but the parameter "
+                        f"is {tuple(p.shape)}: the state dict is from another model or rank"
+                    )
+                if v.is_floating_point() and not bool(torch.isfinite(local(v)).all()):
+                    raise ValueError(
+                        f"optimizer state '{k}' of {name(p)} holds NaN/Inf: the "
+                        "checkpoint is corrupt"
+                    )
+
+
+def _same_scalings(saved: Any, mine: list[float]) -> bool:
+    if not isinstance(saved, list | tuple) or len(saved) != len(mine):
+        return False
+    return all(
+        isinstance(s, int | float) and math.isclose(s, m, rel_tol=1e-6) for s, m in zip(saved, mine)
+    )
