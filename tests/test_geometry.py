@@ -515,3 +515,200 @@ def test_float64_stays_float64_and_mixed_inputs_promote():
     # mixed: a bf16 ambient factor with a float64 point computes in float64
     assert geo.project_tangent(U, Q, P.to(torch.bfloat16), R)[0].dtype == F64
     assert geo.compute_dtype(torch.zeros(1, dtype=torch.bfloat16)) == torch.float32
+
+
+# ---------------------------------------------- structured fast path (TangentQR form)
+
+
+def dense_from_qr(U, Q, t):
+    """xi = Qd A Q^T + U (Q B + Qv C)^T of a TangentQR."""
+    return t.Qd @ t.A @ Q.mT + U @ (Q @ t.B + t.Qv @ t.C).mT
+
+
+@PROPERTY
+@given(problems())
+def test_tangent_qr_factors_the_tangent_vector(problem):
+    m, n, r, _, seed = problem
+    gen = torch.Generator().manual_seed(seed)
+    U, _, Q = random_point(gen, m, n, r)
+    dU, dV = random_tangent(gen, U, Q)
+    t = geo.tangent_qr(U, Q, dU, dV)
+    assert t.Qd.shape == (m, r) and t.Qv.shape == (n, r) and t.A.shape == (r, r)
+    assert_close(dense_from_qr(U, Q, t), dense_tangent(U, Q, dU, dV))
+    assert_orthonormal_columns(t.Qd)
+    assert_orthonormal_columns(t.Qv)
+    assert_close(U.mT @ t.Qd, torch.zeros(r, r, dtype=F64))  # [Qd | U] orthonormal
+    assert_close(Q.mT @ t.Qv, torch.zeros(r, r, dtype=F64))  # [Q | Qv] orthonormal
+    dU2, dV2 = geo.tangent_qr_to_factors(Q, t)
+    assert_close(dU2, dU)
+    assert_close(dV2, dV)
+
+
+@PROPERTY
+@given(problems())
+def test_msign_tangent_qr_is_projected_msign(problem):
+    m, n, r, _, seed = problem
+    gen = torch.Generator().manual_seed(seed)
+    U, _, Q = random_point(gen, m, n, r)
+    dU, dV = random_tangent(gen, U, Q)
+    xi = dense_tangent(U, Q, dU, dV)
+    assume(relative_singular_values(xi)[2 * r - 1] > 1e-4)
+    t = geo.msign_tangent_qr(geo.tangent_qr(U, Q, dU, dV))
+    assert_close(dense_from_qr(U, Q, t), dense_projection(U, Q, dense_msign(xi)))
+    # the same as the literal OrthoLR + ProjectLR
+    OL, OR = geo.msign_tangent(U, Q, dU, dV)
+    oU, oV = geo.project_tangent(U, Q, OL, OR)
+    dU2, dV2 = geo.tangent_qr_to_factors(Q, t)
+    assert_close(dU2, oU)
+    assert_close(dV2, oV)
+
+
+@PROPERTY
+@given(problems(), st.sampled_from(RANK_DEFICIENT))
+def test_msign_tangent_qr_rank_deficient(problem, kind):
+    # rank-deficient dU or dV: Qd / Qv get arbitrary completion columns, which must not matter
+    m, n, r, _, seed = problem
+    gen = torch.Generator().manual_seed(seed)
+    U, _, Q = random_point(gen, m, n, r)
+    dU, dV = rank_deficient_tangent(gen, U, Q, kind)
+    xi = dense_tangent(U, Q, dU, dV)
+    rank = int(torch.linalg.matrix_rank(xi))
+    if rank:
+        assume(relative_singular_values(xi)[rank - 1] > 1e-4)
+    t = geo.msign_tangent_qr(geo.tangent_qr(U, Q, dU, dV))
+    assert all(torch.isfinite(x).all() for x in t)
+    assert_close(dense_from_qr(U, Q, t), dense_projection(U, Q, dense_msign(xi)))
+
+
+def test_msign_tangent_qr_keeps_small_nonzero_singular_values():
+    gen = torch.Generator().manual_seed(9)
+    U, _, Q = random_point(gen, 20, 16, 3)
+    dU, dV = random_tangent(gen, U, Q)
+    dU = 1e-5 * dU
+    dV = dV - Q @ (Q.mT @ dV)
+    xi = dense_tangent(U, Q, dU, dV)
+    assert relative_singular_values(xi)[5] < 1e-4
+    t = geo.msign_tangent_qr(geo.tangent_qr(U, Q, dU, dV))
+    assert_close(dense_from_qr(U, Q, t), dense_projection(U, Q, dense_msign(xi, rtol=1e-8)))
+
+
+@PROPERTY
+@given(problems(), st.floats(1e-3, 10.0), st.sampled_from([0.0, 0.01, 0.5]))
+def test_retract_qr_is_truncated_svd_of_the_step(problem, lr, wd):
+    m, n, r, _, seed = problem
+    gen = torch.Generator().manual_seed(seed)
+    U, V, Q = random_point(gen, m, n, r)
+    dU, dV = random_tangent(gen, U, Q)
+    X = U @ V.mT
+    X_r, S = dense_truncate(X - lr * (dense_tangent(U, Q, dU, dV) + wd * X), r)
+    gap = (S[r - 1] - S[r]) / S[0] if S.numel() > r else S[r - 1] / S[0]
+    assume(gap > 1e-4 and S[r - 1] / S[0] > 1e-4)
+    U_new, V_new, Q_new = geo.retract_qr(U, V, Q, geo.tangent_qr(U, Q, dU, dV), lr, wd)
+    assert U_new.shape == (m, r) and V_new.shape == (n, r) and Q_new.shape == (n, r)
+    assert_orthonormal_columns(U_new)
+    assert_close(U_new @ V_new.mT, X_r)
+    # Q_new: the positive QR basis of V_new (up to round-off, amplified by cond(V_new))
+    assert_orthonormal_columns(Q_new)
+    assert_close(Q_new, geo.orthonormal_basis(V_new), 1e-8)
+    # and the literal retraction gives the same point
+    U_lit, V_lit = geo.retract(U, V, Q, dU, dV, lr, wd)
+    assert_close(U_lit @ V_lit.mT, X_r)
+
+
+def test_retract_qr_degenerate_steps_keep_the_gauge():
+    # X = 0 (V = 0): a zero step, and a step of rank 1 < r. The extra singular vectors are
+    # arbitrary there; U must stay orthonormal and Q must be an orthonormal basis containing V.
+    gen = torch.Generator().manual_seed(11)
+    m, n, r = 14, 10, 3
+    U = torch.linalg.qr(randn(gen, m, r)).Q
+    Q = torch.linalg.qr(randn(gen, n, r)).Q
+    V = torch.zeros(n, r, dtype=F64)
+    zero = geo.tangent_qr(U, Q, torch.zeros(m, r, dtype=F64), torch.zeros(n, r, dtype=F64))
+    dU, dV = random_tangent(gen, U, Q)
+    rank1 = geo.tangent_qr(U, Q, torch.zeros(m, r, dtype=F64), dV[:, :1] @ randn(gen, 1, r))
+    for t, lr in ((zero, 0.3), (rank1, 0.3), (geo.tangent_qr(U, Q, dU, dV), 0.0)):
+        U_new, V_new, Q_new = geo.retract_qr(U, V, Q, t, lr)
+        assert all(torch.isfinite(x).all() for x in (U_new, V_new, Q_new))
+        assert_orthonormal_columns(U_new)
+        assert_orthonormal_columns(Q_new)
+        assert_close(Q_new @ (Q_new.mT @ V_new), V_new)
+        X_r, _ = dense_truncate(-lr * dense_from_qr(U, Q, t), r)
+        assert_close(U_new @ V_new.mT, X_r)
+
+
+@PROPERTY
+@given(problems(), st.integers(1, 3))
+def test_structured_batched_equals_loop(problem, batch):
+    m, n, r, _, seed = problem
+    gen = torch.Generator().manual_seed(seed)
+    U, V, Q = random_point(gen, m, n, r, batch=(batch,))
+    dU, dV = random_tangent(gen, U, Q)
+    t = geo.tangent_qr(U, Q, dU, dV)
+    o = geo.msign_tangent_qr(t)
+    U_new, V_new, _ = geo.retract_qr(U, V, Q, o, 0.2, 0.01)
+    for i in range(batch):
+        ti = geo.tangent_qr(U[i], Q[i], dU[i], dV[i])
+        assert_close(dense_from_qr(U, Q, t)[i], dense_from_qr(U[i], Q[i], ti))
+        oi = geo.msign_tangent_qr(ti)
+        assert_close(dense_from_qr(U, Q, o)[i], dense_from_qr(U[i], Q[i], oi))
+        Ui, Vi, _ = geo.retract_qr(U[i], V[i], Q[i], oi, 0.2, 0.01)
+        assert_close(U_new[i] @ V_new[i].mT, Ui @ Vi.mT)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_structured_float32_matches_float64_definitions(seed):
+    # float32 runs the 2r x 2r SVDs as float64 Gram eigh; the float64 reference uses the very
+    # same (rounded) inputs, so what is left is float32 round-off
+    gen = torch.Generator().manual_seed(seed)
+    m, n, r, batch = 40, 30, 4, (3,)
+    U, V, Q = random_point(gen, m, n, r, batch=batch)
+    dU, dV = random_tangent(gen, U, Q)
+    U32, V32, Q32, dU32, dV32 = (x.to(torch.float32) for x in (U, V, Q, dU, dV))
+    U, V, Q, dU, dV = (x.to(F64) for x in (U32, V32, Q32, dU32, dV32))
+    xi = dense_tangent(U, Q, dU, dV)
+    assert (relative_singular_values(xi)[..., 2 * r - 1] > 1e-2).all()
+    t = geo.tangent_qr(U32, Q32, dU32, dV32)
+    assert t.Qd.dtype == torch.float32
+    o = geo.msign_tangent_qr(t)
+    assert o.A.dtype == torch.float32
+    expected = dense_projection(U, Q, dense_msign(xi))
+    assert_close(dense_from_qr(U, Q, geo.TangentQR(*(x.to(F64) for x in o))), expected, 1e-5)
+    lr, wd = 0.3, 0.01
+    U_new, V_new, Q_new = geo.retract_qr(U32, V32, Q32, o, lr, wd)
+    assert U_new.dtype == V_new.dtype == Q_new.dtype == torch.float32
+    X = U @ V.mT
+    step = X - lr * (dense_from_qr(U, Q, geo.TangentQR(*(x.to(F64) for x in o))) + wd * X)
+    X_r, S = dense_truncate(step, r)
+    assert ((S[..., r - 1] - S[..., r]) / S[..., 0] > 1e-2).all()
+    assert_close((U_new @ V_new.mT).to(F64), X_r, 1e-5)
+    assert_orthonormal_columns(U_new.to(F64), 1e-6)
+    assert_orthonormal_columns(Q_new.to(F64), 1e-6)
+
+
+def test_cholesky_qr_accepts_only_nearly_orthonormal_matrices():
+    gen = torch.Generator().manual_seed(12)
+    Y = torch.linalg.qr(randn(gen, 2, 20, 4)).Q + 1e-3 * randn(gen, 2, 20, 4)
+    Rinv, R = geo._cholesky_qr(Y)
+    assert_orthonormal_columns(Y @ Rinv)
+    assert_close(Y @ Rinv @ R, Y)
+    assert (torch.diagonal(R, dim1=-2, dim2=-1) > 0).all()
+    Y[1, :, 3] = Y[1, :, 2]  # one batch element rank-deficient: the whole batch falls back
+    assert geo._cholesky_qr(Y) is None
+    assert geo._cholesky_qr(2.0 * torch.linalg.qr(randn(gen, 20, 4)).Q) is None
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_retract_qr_householder_fallback(monkeypatch, dtype):
+    # the branch taken when a Cholesky-QR step is refused (degenerate steps) gives the same point
+    gen = torch.Generator().manual_seed(13)
+    U, V, Q = random_point(gen, 15, 11, 3, batch=(2,))
+    dU, dV = random_tangent(gen, U, Q)
+    U, V, Q, dU, dV = (x.to(dtype) for x in (U, V, Q, dU, dV))
+    t = geo.msign_tangent_qr(geo.tangent_qr(U, Q, dU, dV))
+    fast = geo.retract_qr(U, V, Q, t, 0.2, 0.01)
+    monkeypatch.setattr(geo, "_cholesky_qr", lambda Y: None)
+    slow = geo.retract_qr(U, V, Q, t, 0.2, 0.01)
+    tol = 1e-10 if dtype == F64 else 1e-5
+    assert_close((slow[0] @ slow[1].mT).to(F64), (fast[0] @ fast[1].mT).to(F64), tol)
+    assert_orthonormal_columns(slow[0].to(F64), tol)
+    assert_close((slow[2] @ slow[2].mT).to(F64), (fast[2] @ fast[2].mT).to(F64), tol)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import riemannlora as rl
 from riemannlora.manifold import manifold_layers
+from riemannlora.optim.riemannion import manifold_step
 from test_manifold import (
     assert_bitwise_equal,
     base_weights,
@@ -365,3 +366,158 @@ def test_rejects_parameter_lists():
         rl.Riemannion(list(model.parameters()), lr=0.1)
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
         rl.RiemannianSGD(model, lr=0.1, momentum=1.5)
+
+
+# --------------------------------------------------------------------------------------------
+# the structured fast path of manifold_step against the spec's literal formulas
+# --------------------------------------------------------------------------------------------
+
+
+def _random_stack(seed, L=3, m=12, n=9, r=3, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(L, m, r, generator=g, dtype=torch.float64)).Q
+    V = torch.randn(L, n, r, generator=g, dtype=torch.float64)
+    Q = torch.linalg.qr(V).Q
+    GQ = torch.randn(L, m, r, generator=g, dtype=torch.float64)
+    GtU = torch.randn(L, n, r, generator=g, dtype=torch.float64)
+    # an old momentum at another point: [dU_old | U_old], [Q_old | dV_old]
+    U0 = torch.linalg.qr(torch.randn(L, m, r, generator=g, dtype=torch.float64)).Q
+    dU0 = torch.randn(L, m, r, generator=g, dtype=torch.float64)
+    dU0 = dU0 - U0 @ (U0.mT @ dU0)
+    Q0 = torch.linalg.qr(torch.randn(L, n, r, generator=g, dtype=torch.float64)).Q
+    Pm = torch.cat([dU0, U0], -1)
+    Rm = torch.cat([Q0, torch.randn(L, n, r, generator=g, dtype=torch.float64)], -1)
+    return tuple(x.to(dtype) for x in (U, V, Q, GQ, GtU, Pm, Rm))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"momentum": 0.9},
+        {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
+        {"momentum": 0.5, "store_orthogonalized": True},
+        {"momentum": 0.0},
+        {"momentum": 0.9, "dampening": 0.9, "orthogonalize": False},  # Riemannian SGD
+        {"momentum": 0.9, "dampening": 0.9, "orthogonalize": False, "nesterov": True},
+    ],
+)
+@pytest.mark.parametrize("first", [False, True])
+def test_structured_manifold_step_equals_literal(kw, first):
+    U, V, Q, GQ, GtU, Pm, Rm = _random_stack(0)
+    if first:
+        Pm = Rm = None
+    inputs = [x.clone() for x in (U, V, Q, GQ, GtU)]
+    args = {"lr": 0.1, "weight_decay": 0.0, **kw}
+    fast = manifold_step(U, V, Q, GQ, GtU, Pm, Rm, **args)
+    lit = manifold_step(U, V, Q, GQ, GtU, Pm, Rm, structured=False, **args)
+    for x, y in zip(inputs, (U, V, Q, GQ, GtU)):  # inputs are not modified
+        assert torch.equal(x, y)
+    close = {"atol": 1e-12, "rtol": 1e-10}
+    torch.testing.assert_close(fast[0] @ fast[1].mT, lit[0] @ lit[1].mT, **close)
+    eye = torch.eye(3, dtype=U.dtype).expand(3, 3, 3)
+    torch.testing.assert_close(fast[0].mT @ fast[0], eye, **close)
+    torch.testing.assert_close(fast[2].mT @ fast[2], eye, **close)
+    torch.testing.assert_close(fast[2] @ fast[2].mT, lit[2] @ lit[2].mT, **close)  # same span
+    if kw["momentum"]:
+        torch.testing.assert_close(fast[3] @ fast[4].mT, lit[3] @ lit[4].mT, **close)
+    else:
+        assert fast[3] is None and fast[4] is None
+
+
+def test_structured_manifold_step_float32():
+    """float32 (float64 Gram eigh for the 2r x 2r SVDs, Cholesky-QR) against the literal
+    formulas in float64 on the same rounded inputs."""
+    U, V, Q, GQ, GtU, Pm, Rm = _random_stack(1, dtype=torch.float32)
+    args = {"lr": 0.1, "weight_decay": 0.01, "momentum": 0.9}
+    fast = manifold_step(U, V, Q, GQ, GtU, Pm, Rm, **args)
+    assert all(x.dtype == torch.float32 for x in fast)
+    ref = manifold_step(*(x.double() for x in (U, V, Q, GQ, GtU, Pm, Rm)), structured=False, **args)
+    X, X_ref = (fast[0] @ fast[1].mT).double(), ref[0] @ ref[1].mT
+    torch.testing.assert_close(X, X_ref, atol=1e-5 * X_ref.abs().max().item(), rtol=0)
+    M, M_ref = (fast[3] @ fast[4].mT).double(), ref[3] @ ref[4].mT
+    torch.testing.assert_close(M, M_ref, atol=1e-5 * M_ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("opt_cls", "kw"),
+    [
+        (rl.Riemannion, {}),
+        (rl.Riemannion, {"nesterov": True, "weight_decay": 0.1}),
+        (rl.RiemannianSGD, {"lr": 0.5}),
+    ],
+)
+def test_float32_optimizer_step_matches_literal_float64(opt_cls, kw):
+    """The optimizer's in-place, batched float32 path against manifold_step's literal
+    formulas in float64, from the same stored float32 point, gradients and momentum."""
+    _, model = peft_mlp(dtype=torch.float32)
+    data = mlp_data(dtype=torch.float32)
+    kw = {"lr": 0.05, **kw}
+    opt = opt_cls(model, **kw)
+    layers = manifold_layers(model)
+    damp = opt_cls is rl.RiemannianSGD
+    for _ in range(3):
+        opt.zero_grad()
+        mlp_loss(model, data).backward()
+        before = {}
+        for layer in layers:
+            Pm = opt.state[layer.b].get("momentum_left")
+            Rm = opt.state[layer.a].get("momentum_right")
+            before[layer.name] = [
+                x.detach().double().clone() if x is not None else None
+                for x in (layer.U(), layer.V(), layer.Q(), layer.GQ(), layer.GtU(), Pm, Rm)
+            ]
+        opt.step()
+        for layer in layers:
+            U_ref, V_ref, _, Pm_ref, Rm_ref = manifold_step(
+                *before[layer.name],
+                lr=kw["lr"],
+                weight_decay=kw.get("weight_decay", 0.0),
+                momentum=0.9,
+                dampening=0.9 if damp else 0.0,
+                nesterov=kw.get("nesterov", False),
+                orthogonalize=not damp,
+                structured=False,
+            )
+            X_ref = U_ref @ V_ref.mT
+            scale = X_ref.abs().max().item()
+            torch.testing.assert_close(
+                layer.point().detach().double(), X_ref, atol=1e-5 * scale, rtol=0
+            )
+            M = opt.state[layer.b]["momentum_left"] @ opt.state[layer.a]["momentum_right"].mT
+            M_ref = Pm_ref @ Rm_ref.mT
+            torch.testing.assert_close(
+                M.double(), M_ref, atol=1e-5 * M_ref.abs().max().item(), rtol=0
+            )
+            U = layer.U().detach().double()
+            torch.testing.assert_close(
+                U.mT @ U, torch.eye(layer.rank, dtype=U.dtype), atol=1e-6, rtol=0
+            )
+
+
+def test_momentum_buffers_are_updated_in_place():
+    """After the first step the stacked momentum buffers are reused: same tensors in the state,
+    new values; a state replaced by load_state_dict is picked up instead."""
+    _, model = peft_mlp()
+    data = mlp_data()
+    opt = rl.Riemannion(model, lr=0.05)
+    layer = manifold_layers(model)[0]
+    for _ in range(2):
+        opt.zero_grad()
+        mlp_loss(model, data).backward()
+        opt.step()
+    left = opt.state[layer.b]["momentum_left"]
+    before = left.clone()
+    opt.zero_grad()
+    mlp_loss(model, data).backward()
+    opt.step()
+    assert opt.state[layer.b]["momentum_left"] is left and not torch.equal(left, before)
+    assert all(opt.state[x.b]["step"].item() == 3.0 for x in manifold_layers(model))
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt.load_state_dict(torch.load(buf))
+    assert opt.state[layer.b]["momentum_left"] is not left
+    opt.zero_grad()
+    mlp_loss(model, data).backward()
+    opt.step()
+    assert all(opt.state[x.b]["step"].item() == 4.0 for x in manifold_layers(model))

@@ -20,6 +20,20 @@ Conventions shared by every function:
   LAPACK returns them; they cancel in the gauge-invariant products (``O_L O_R^T``,
   ``U_new V_new^T``) that carry meaning.
 
+Two implementations of the step's building blocks:
+
+* literal (:func:`msign_tangent`, :func:`project_tangent`, :func:`retract`): the spec's
+  formulas term by term, QRs of the width-2r factors ``[dU | U]``, ``[Q | dV]``, ...; valid for
+  any inputs (a non-orthonormal U or Q included).
+* structured (:class:`TangentQR`, :func:`tangent_qr`, :func:`msign_tangent_qr`,
+  :func:`retract_qr`): the same results up to round-off for a stored point (orthonormal U and
+  Q, V in ``span(Q)``) and a tangent direction, using that ``[dU | U]`` and ``[Q | dV]`` already
+  contain an orthonormal block: two QRs of width r per direction instead of four of width 2r,
+  ``P_X(msign(.))`` as one ``2r x 2r`` SVD with no tall product, and the new point
+  re-orthonormalized by Cholesky-QR (with a Householder fallback for degenerate steps). In
+  float32 the ``2r x 2r`` SVDs are float64 ``eigh`` of Gram matrices (as accurate, faster).
+  Tall results are column-major (the layout LAPACK works in). This is what the optimizers use.
+
 Reference: Bogachev et al., "LoRA meets Riemannion: Muon Optimizer for
 Parametrization-independent Low-Rank Adapters", arXiv 2507.12142 (ProjectLR, OrthoLR and the
 retraction of its algorithm boxes, with the block order corrected).
@@ -27,17 +41,24 @@ retraction of its algorithm boxes, with the block order corrected).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 __all__ = [
+    "TangentQR",
     "compute_dtype",
     "msign_tangent",
+    "msign_tangent_qr",
     "orthonormal_basis",
     "project_tangent",
     "qr_positive",
     "retract",
+    "retract_qr",
     "riemannian_gradient",
+    "tangent_qr",
+    "tangent_qr_to_factors",
     "tangent_to_dense",
     "tangent_to_factors",
     "to_dense",
@@ -190,6 +211,249 @@ def retract(
     U_new = Q1 @ Uc[..., :r]
     V_new = (Q2 @ Vch[..., :r, :].mT) * S[..., None, :r]
     return U_new, V_new
+
+
+# ----------------------------------------------------------------------------------------------
+# Structured ("QR") form of tangent vectors: the fast path of the optimizers
+# ----------------------------------------------------------------------------------------------
+
+
+class TangentQR(NamedTuple):
+    """A tangent vector ``xi = dU Q^T + U dV^T`` at ``(U, Q)`` with its two factors expanded in
+    orthonormal bases orthogonal to the point::
+
+        dU = Qd A,   dV = Q B + Qv C,     Qd^T U = 0,  Qv^T Q = 0,
+
+    Qd ``(..., m, r)``, Qv ``(..., n, r)`` with orthonormal columns, A, B, C ``(..., r, r)``.
+    Then ``xi = [Qd | U] [[A, 0], [B^T, C^T]] [Q | Qv]^T`` with both outer factors orthonormal,
+    so every small-matrix operation on the ``2r x 2r`` core is exact on xi itself.
+    """
+
+    Qd: Tensor
+    A: Tensor
+    Qv: Tensor
+    B: Tensor
+    C: Tensor
+
+
+def _mm(A: Tensor, B: Tensor, out: Tensor | None = None) -> Tensor:
+    """``A @ B``, into ``out`` when given (a preallocated contiguous buffer: no allocation)."""
+    return torch.matmul(A, B) if out is None else torch.matmul(A, B, out=out)
+
+
+def _addmm_(C: Tensor, A: Tensor, B: Tensor, *, alpha: float = 1.0) -> Tensor:
+    """``C += alpha * (A @ B)`` in place (one BLAS call; C contiguous)."""
+    if C.dim() == 3 and A.dim() == 3 and B.dim() == 3:
+        return C.baddbmm_(A, B, alpha=alpha)
+    if C.dim() == 2 and A.dim() == 2 and B.dim() == 2:
+        return C.addmm_(A, B, alpha=alpha)
+    return C.add_(A @ B, alpha=alpha)
+
+
+def _colmajor_copy(A: Tensor) -> Tensor:
+    """A fresh column-major copy of A ``(..., k, r)`` (``.mT`` contiguous): the layout LAPACK
+    works in, and the one every tall buffer of the structured functions uses."""
+    return A.mT.clone(memory_format=torch.contiguous_format).mT
+
+
+def tangent_qr(U: Tensor, Q: Tensor, dU: Tensor, dV: Tensor) -> TangentQR:
+    """:class:`TangentQR` form of the tangent vector ``xi = dU Q^T + U dV^T``.
+
+    ``Qd A = qr(dU)`` and ``Qv C = qr(dV - Q (Q^T dV))``, ``B = Q^T dV``: two QRs of width r
+    instead of the two width-2r QRs of ``[dU | U]``, ``[Q | dV]`` (the blocks U and Q are
+    already orthonormal). Requires orthonormal U and Q and a tangent ``dU`` (``U^T dU = 0``);
+    the result is then exact up to rounding. When ``dU`` (or the part of ``dV`` outside
+    ``span(Q)``) is rank-deficient, some columns of Qd (Qv) are arbitrary orthonormal
+    completions, not necessarily orthogonal to U (Q); A (C) then maps into the subspace on which
+    ``[Qd | U]`` (``[Q | Qv]``) is still an isometry, so every product with the core is
+    unaffected, and :func:`retract_qr` re-orthonormalizes its output.
+
+    U, dU ``(..., m, r)``; Q, dV ``(..., n, r)``. Cost ``O((m + n) r^2)``. Qd and Qv are
+    column-major.
+    """
+    U, Q, dU, dV = _cast(U, Q, dU, dV)
+    return _tangent_qr_(Q, _colmajor_copy(dU), _colmajor_copy(dV))
+
+
+def _tangent_qr_(Q: Tensor, dU: Tensor, dV: Tensor) -> TangentQR:
+    """:func:`tangent_qr` overwriting its column-major inputs: Qd takes dU's memory and Qv
+    dV's (LAPACK's QR runs in place there; no tall allocation)."""
+    B = Q.mT @ dV
+    W = _addmm_(dV.mT, B.mT, Q.mT, alpha=-1.0).mT  # dV - Q B, in place
+    r = dU.shape[-1]
+    A = dU.new_empty(*dU.shape[:-2], r, r)
+    C = dU.new_empty(*dV.shape[:-2], r, r)
+    torch.linalg.qr(dU, out=(dU, A))
+    torch.linalg.qr(W, out=(W, C))
+    return TangentQR(dU, A, W, B, C)
+
+
+def tangent_qr_to_factors(Q: Tensor, t: TangentQR) -> tuple[Tensor, Tensor]:
+    """``(dU, dV) = (Qd A, Q B + Qv C)`` of a :class:`TangentQR` at a point with row basis Q
+    (column-major)."""
+    (Q,) = _cast(Q)
+    return (t.A.mT @ t.Qd.mT).mT, _addmm_(t.B.mT @ Q.mT, t.C.mT, t.Qv.mT).mT
+
+
+def msign_tangent_qr(t: TangentQR, rtol: float | None = None) -> TangentQR:
+    """``P_X(msign(xi))`` of a :class:`TangentQR`, as a :class:`TangentQR` on the same bases.
+
+    With ``xi = [Qd | U] M [Q | Qv]^T``, ``M = [[A, 0], [B^T, C^T]]`` and both outer factors
+    orthonormal, ``msign(xi) = [Qd | U] N [Q | Qv]^T`` with ``N = Uc Vc^T`` over the nonzero
+    singular values of M (``Uc S Vc^T = svd(M)``; zero means ``S <= rtol * S.max()`` per batch
+    element, default ``rtol = eps * max(m, n)``, as :func:`msign_tangent`). Projecting back onto
+    the tangent space only keeps blocks of N:
+
+        P_X(msign(xi)) = Qd N11 Q^T + U (Q N21^T + Qv N22^T)^T,
+
+    so OrthoLR + ProjectLR cost one ``2r x 2r`` SVD and no product with a tall matrix. Same
+    result as :func:`msign_tangent` followed by :func:`project_tangent`.
+    """
+    A, B, C = t.A, t.B, t.C
+    r = A.shape[-1]
+    M = torch.cat([torch.cat([A, torch.zeros_like(A)], -1), torch.cat([B.mT, C.mT], -1)], -2)
+    if rtol is None:
+        rtol = torch.finfo(M.dtype).eps * max(t.Qd.shape[-2], t.Qv.shape[-2])
+    N = _small_polar(M, rtol)
+    return TangentQR(t.Qd, N[..., :r, :r], t.Qv, N[..., r:, :r].mT, N[..., r:, r:].mT)
+
+
+def _gram_eigh(M: Tensor, left: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Singular values (descending) and right (``left=False``) or left singular vectors of a
+    small float32 matrix from ``eigh`` of its Gram matrix computed in float64: about twice as
+    fast as a ``2r x 2r`` SVD and, since the Gram matrix carries 53 bits, as accurate as a
+    float32 SVD for every singular value above ``1e-9 * s_max`` (smaller ones are float32
+    noise either way). Returns ``(M64, S, W)`` with ``M64 = M`` in float64."""
+    M64 = M.to(torch.float64)
+    w, W = torch.linalg.eigh(M64 @ M64.mT if left else M64.mT @ M64)
+    return M64, w.flip(-1).clamp_min(0.0).sqrt(), W.flip(-1)
+
+
+def _small_polar(M: Tensor, rtol: float) -> Tensor:
+    """``Uc Vc^T`` over the singular values ``S > rtol * S.max()`` of a small square ``M``
+    (``Uc S Vc^T = svd(M)``): LAPACK's SVD in float64, the float64 Gram ``eigh`` in float32."""
+    if M.dtype != torch.float32:
+        Uc, S, Vch = torch.linalg.svd(M, full_matrices=False)
+        keep = (S > rtol * S.amax(dim=-1, keepdim=True)).to(S.dtype).unsqueeze(-2)
+        return (Uc * keep) @ Vch
+    M64, S, Vc = _gram_eigh(M, left=False)
+    keep = S > rtol * S[..., :1]
+    inv = torch.where(keep, 1.0 / torch.where(keep, S, 1.0), 0.0)
+    return ((M64 @ (Vc * inv.unsqueeze(-2))) @ Vc.mT).to(M.dtype)
+
+
+def _small_top_svd(K: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(Uc[:, :r], Vc[:, :r], S[:r])`` of a small square K (``Uc S Vc^T = svd(K)``, S
+    descending): LAPACK's SVD in float64, the float64 Gram ``eigh`` in float32 (then
+    ``Vc[:, :r] S[:r] = K^T Uc[:, :r]``; a column with ``S = 0`` is left zero)."""
+    if K.dtype != torch.float32:
+        Uc, S, Vch = torch.linalg.svd(K, full_matrices=False)
+        return Uc[..., :r], Vch[..., :r, :].mT, S[..., :r]
+    K64, _, Uc = _gram_eigh(K, left=True)
+    Ur = Uc[..., :r]
+    VS = K64.mT @ Ur
+    S = (VS * VS).sum(-2).sqrt()
+    Vr = VS / torch.where(S > 0, S, 1.0).unsqueeze(-2)
+    return Ur.to(K.dtype), Vr.to(K.dtype), S.to(K.dtype)
+
+
+def _cholesky_qr(Y: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(R^{-1}, R)`` with ``Y R^{-1}`` orthonormal, ``R`` upper triangular with a positive
+    diagonal, for a matrix Y ``(..., k, r)`` that is orthonormal up to round-off: one Cholesky-QR
+    step, i.e. the Gram ``Y^T Y`` and a small Cholesky instead of a Householder QR (about twice
+    as fast, and the same factors up to round-off since ``cond(Y) ~ 1``). None unless
+    ``||Y^T Y - I||_F <= 1/2`` in every batch element (then ``cond(Y) <= sqrt(3)`` and the step
+    is accurate to a few eps); the caller falls back to Householder."""
+    r = Y.shape[-1]
+    G = Y.mT @ Y
+    eye = torch.eye(r, dtype=G.dtype, device=G.device)
+    R, info = torch.linalg.cholesky_ex(G, upper=True)
+    ok = (info == 0) & (torch.linalg.matrix_norm(G - eye) <= 0.5)
+    if not bool(ok.all()):  # a degenerate step (see retract_qr); one host sync per call
+        return None
+    return torch.linalg.solve_triangular(R, eye.expand_as(R), upper=True), R
+
+
+def retract_qr(
+    U: Tensor,
+    V: Tensor,
+    Q: Tensor,
+    t: TangentQR,
+    lr: float | Tensor,
+    weight_decay: float | Tensor = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`retract` for a tangent vector in :class:`TangentQR` form; also returns the new
+    row basis ``Q_new`` (an orthonormal basis of ``span(V_new)`` with ``Q_new^T V_new``
+    diagonal up to round-off, i.e. the positive QR basis of V_new).
+
+    With ``V = Q S0`` (``S0 = Q^T V``: V lies in ``span(Q)``, as for every stored point) the
+    step is ``L R^T = [U | Qd] K [Q | Qv]^T`` with the ``2r x 2r`` core
+
+        K = [[E^T, -lr C^T], [-lr A, 0]],   E = (1 - lr weight_decay) S0 - lr B,
+
+    and both outer factors orthonormal, so no QR of the width-2r factors is needed:
+    ``Uc S Vc^T = svd(K)``, ``U_new = [U | Qd] Uc[:, :r]``, ``V_new = [Q | Qv] Vc[:, :r] S[:r]``.
+    Both ``[U | Qd] Uc[:, :r]`` and ``[Q | Qv] Vc[:, :r]`` are orthonormal up to round-off
+    (every singular vector with ``S > 0`` lies in the subspace on which the outer factor is an
+    isometry), so one Cholesky-QR step re-orthonormalizes each (``U_new <- U_new Ru^{-1}``,
+    ``V_new <- V_new Ru^T``, X unchanged): the gauge is exact every step and round-off does not
+    accumulate. A step of rank below r, whose extra singular vectors are arbitrary, falls back
+    to Householder QRs, which keep U orthonormal in that case too.
+
+    Requires orthonormal U and Q, ``V = Q Q^T V`` and a tangent vector (``Qd^T U = 0``,
+    ``Qv^T Q = 0``). Returns ``(U_new, V_new, Q_new)`` in the compute dtype (V_new and Q_new
+    column-major).
+    """
+    U, V, Q = _cast(U, V, Q)
+    return _retract_qr_(U, V, Q, t, lr, weight_decay)
+
+
+def _retract_qr_(
+    U: Tensor,
+    V: Tensor,
+    Q: Tensor,
+    t: TangentQR,
+    lr: float | Tensor,
+    weight_decay: float | Tensor = 0.0,
+    scratch: Tensor | None = None,
+    overwrite: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`retract_qr`; ``overwrite=True`` reuses the memory of its inputs for the outputs
+    (U_new in U, Q_new in Q, V_new in ``t.Qv``, a scratch column basis in V; U contiguous,
+    V, Q, ``t.Qv`` column-major) and ``scratch`` (a contiguous tensor with U's shape) for
+    ``[U | Qd] Uc``: no tall allocation on the fast path."""
+    r = U.shape[-1]
+    E = (1.0 - lr * weight_decay) * (Q.mT @ V) - lr * t.B
+    K = torch.cat(
+        [
+            torch.cat([E.mT, -lr * t.C.mT], -1),
+            torch.cat([-lr * t.A, torch.zeros_like(t.A)], -1),
+        ],
+        -2,
+    )
+    Ur, Vr, S = _small_top_svd(K, r)
+    # U_raw = [U | Qd] Ur, column-major (computed transposed: BLAS accumulates into a wide
+    # (r, m) output about twice as fast as into a tall (m, r) one)
+    out = None if scratch is None else scratch.view(*scratch.shape[:-2], r, scratch.shape[-2])
+    U_raw = _addmm_(_mm(Ur[..., :r, :].mT, U.mT, out=out), Ur[..., r:, :].mT, t.Qd.mT).mT
+    chol = _cholesky_qr(U_raw)
+    if chol is None:
+        U_new, Ru = torch.linalg.qr(U_raw)
+    else:
+        U_new, Ru = _mm(U_raw, chol[0], out=U if overwrite else None), chol[1]
+    # Y = [Q | Qv] Vr, column-major (computed transposed), into V's memory when overwriting
+    Yt = _addmm_(
+        _mm(Vr[..., :r, :].mT, Q.mT, out=V.mT if overwrite else None), Vr[..., r:, :].mT, t.Qv.mT
+    )
+    chol = _cholesky_qr(Yt.mT)
+    if chol is None:
+        W = (Vr * S.unsqueeze(-2)) @ Ru.mT  # (2r, r): V_new = [Q | Qv] W
+        V_new = _addmm_((W[..., :r, :].mT @ Q.mT), W[..., r:, :].mT, t.Qv.mT).mT
+        return U_new, V_new, qr_positive(V_new)[0]
+    Q_newt = _mm(chol[0].mT, Yt, out=Q.mT if overwrite else None)  # (Y Ry^{-1})^T
+    # V_new = Y S Ru^T = Q_new (Ry S Ru^T)
+    V_newt = _mm((Ru * S.unsqueeze(-2)) @ chol[1].mT, Q_newt, out=t.Qv.mT if overwrite else None)
+    return U_new, V_newt.mT, Q_newt.mT
 
 
 def to_dense(U: Tensor, V: Tensor) -> Tensor:

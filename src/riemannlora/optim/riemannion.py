@@ -14,7 +14,13 @@ trajectory of X does not depend on how it is factored. One step for one layer, w
 
 with ``tau = 0`` for Riemannion and ``tau = beta`` for Riemannian SGD (which skips the msign).
 All tangent vectors are kept in factor form ``dU Q^T + U dV^T`` (never an ``m x n`` matrix);
-the small QR/SVDs run in float32 or better and are batched over layers of equal shape. The
+the small QR/SVDs run in float32 or better and are batched over layers of equal shape, by the
+structured path of :func:`manifold_step` (:func:`riemannlora.geometry.tangent_qr`,
+:func:`~riemannlora.geometry.msign_tangent_qr`, :func:`~riemannlora.geometry.retract_qr`;
+same results as the literal formulas up to round-off). Per group of equal-shape layers a step
+stacks the parameters and gradients once, works on those stacks in place (on CPU the page faults
+of fresh multi-MB buffers cost as much as the arithmetic), updates the stacked momentum buffers
+in place and writes the parameters back with one ``_foreach_copy_`` per block. The
 momentum is stored as the factor pair ``Pm = [dU | U_old]`` ``(m, 2r)``, ``Rm = [Q_old | dV]``
 ``(n, 2r)`` in ``self.state`` (``state[lora_B]["momentum_left"]``,
 ``state[lora_A]["momentum_right"]``), so ``state_dict()``/``load_state_dict()`` resume exactly.
@@ -34,11 +40,17 @@ from torch import Tensor, nn
 from torch.optim.adam import adam
 
 from riemannlora.geometry import (
+    _cast,
+    _retract_qr_,
+    _tangent_qr_,
+    compute_dtype,
     msign_tangent,
+    msign_tangent_qr,
     orthonormal_basis,
     project_tangent,
     retract,
     riemannian_gradient,
+    tangent_qr_to_factors,
     tangent_to_factors,
     transport,
 )
@@ -79,6 +91,7 @@ def manifold_step(
     nesterov: bool = False,
     orthogonalize: bool = True,
     store_orthogonalized: bool = False,
+    structured: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """One Riemannion / Riemannian-SGD step for a stack of layers of equal shape.
 
@@ -94,11 +107,84 @@ def manifold_step(
         nesterov: use ``beta M + (1 - tau) xi_g`` instead of ``M``.
         orthogonalize: apply ``P_X(msign(.))`` (Riemannion) or not (SGD).
         store_orthogonalized: store the orthogonalized direction as momentum instead of M.
+        structured: use the structure of a stored point (orthonormal U and Q, V in
+            ``span(Q)``; the directions built here are tangent): the direction is factored by
+            :func:`~riemannlora.geometry.tangent_qr` (two QRs of width r),
+            orthogonalized and projected by :func:`~riemannlora.geometry.msign_tangent_qr`
+            (one ``2r x 2r`` SVD, no tall product) and retracted by
+            :func:`~riemannlora.geometry.retract_qr` (no QR of width 2r). Same result up to
+            rounding as the literal formulas of the spec (``structured=False``:
+            :func:`~riemannlora.geometry.msign_tangent`,
+            :func:`~riemannlora.geometry.project_tangent`,
+            :func:`~riemannlora.geometry.retract`, which also accept a non-orthonormal point).
+            With ``2r > min(m, n)`` the literal formulas are used.
 
     Returns:
         ``(U_new, V_new, Q_new, Pm_new, Rm_new)`` in the compute dtype; the momentum factors are
         None when ``momentum == 0``.
     """
+    U, V, Q, GQ, GtU = _cast(U, V, Q, GQ, GtU)
+    m, r = U.shape[-2:]
+    n = V.shape[-2]
+    kw = {
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "momentum": momentum,
+        "dampening": dampening,
+        "nesterov": nesterov,
+        "orthogonalize": orthogonalize,
+        "store_orthogonalized": store_orthogonalized,
+    }
+    if not structured or 2 * r > min(m, n):
+        return _literal_step(U, V, Q, GQ, GtU, Pm, Rm, **kw)
+    batch = U.shape[:-2]
+
+    def flat(t: Tensor) -> Tensor:
+        return t.reshape(-1, *t.shape[-2:])
+
+    # owned buffers in the layouts _structured_step works in (it overwrites them)
+    Ub = U.reshape(-1, m, r).clone(memory_format=torch.contiguous_format)
+    Qt = Q.mT.reshape(-1, r, n).clone(memory_format=torch.contiguous_format)
+    Vt = V.mT.reshape(-1, r, n).clone(memory_format=torch.contiguous_format)
+    GQb = GQ.reshape(-1, m, r).clone(memory_format=torch.contiguous_format)
+    GtUt = GtU.mT.reshape(-1, r, n).clone(memory_format=torch.contiguous_format)
+    Pold = Rtold = None
+    if momentum and Pm is not None and Rm is not None:
+        Pm, Rm = _cast(Pm, Rm)
+        Pold, Rtold = flat(Pm), flat(Rm.mT)
+    P_out = Ub.new_empty(Ub.shape[0], m, 2 * r) if momentum else None
+    Rt_out = Ub.new_empty(Ub.shape[0], 2 * r, n) if momentum else None
+    U_new, V_new, Q_new = _structured_step(Ub, Qt, Vt, GQb, GtUt, Pold, Rtold, P_out, Rt_out, **kw)
+    out = [U_new.reshape(*batch, m, r), V_new.reshape(*batch, n, r), Q_new.reshape(*batch, n, r)]
+    if P_out is None or Rt_out is None:
+        return out[0], out[1], out[2], None, None
+    return (
+        out[0],
+        out[1],
+        out[2],
+        P_out.reshape(*batch, m, 2 * r),
+        Rt_out.mT.reshape(*batch, n, 2 * r),
+    )
+
+
+def _literal_step(
+    U: Tensor,
+    V: Tensor,
+    Q: Tensor,
+    GQ: Tensor,
+    GtU: Tensor,
+    Pm: Tensor | None,
+    Rm: Tensor | None,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    orthogonalize: bool,
+    store_orthogonalized: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """:func:`manifold_step` by the spec's formulas, term by term."""
     dU_g, dV_g = riemannian_gradient(U, GQ, GtU)
     g = 1.0 - dampening
     if momentum:
@@ -125,6 +211,98 @@ def manifold_step(
     mU, mV = (oU, oV) if store_orthogonalized else (dU, dV)
     Pm_new, Rm_new = tangent_to_factors(U, Q, mU, mV)
     return U_new, V_new, Q_new, Pm_new, Rm_new
+
+
+def _structured_step(
+    U: Tensor,
+    Qt: Tensor,
+    Vt: Tensor,
+    GQ: Tensor,
+    GtUt: Tensor,
+    Pold: Tensor | None,
+    Rtold: Tensor | None,
+    P_out: Tensor | None,
+    Rt_out: Tensor | None,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    orthogonalize: bool,
+    store_orthogonalized: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The structured step on stacked ``(L, ., .)`` buffers in the compute dtype, all owned by
+    the step and overwritten, so that the fast path allocates only one tall tensor (dU):
+
+    U ``(L, m, r)``, GQ ``(L, m, r)`` contiguous (row-major); Qt, Vt ``(L, r, n)`` = Q^T, V^T
+    and GtUt ``(L, r, n) = (G^T U)^T`` contiguous (i.e. column-major Q, V, G^T U); Pold
+    ``(L, m, 2r)``, Rtold ``(L, 2r, n)``: the previous momentum ``Pm``, ``Rm^T`` (None: zero
+    momentum). The new momentum ``[dU | U]``, ``[Q | dV]^T`` is written into P_out
+    ``(L, m, 2r)`` and Rt_out ``(L, 2r, n)`` when ``momentum``; they may be Pold and Rtold
+    themselves (read before they are written), so the optimizer updates its momentum buffers
+    in place. Returns ``(U_new, V_new, Q_new)`` (on the fast path in the memory of U, GtUt and
+    Qt: U_new row-major, V_new and Q_new column-major).
+    """
+    r = U.shape[-1]
+    g = 1.0 - dampening
+    Q = Qt.mT
+    UtGQ = U.mT @ GQ  # (r, r)
+    # dU = g (I - U U^T) GQ + beta (I - U U^T) Pm (Rm^T Q),  dV = g G^T U + beta Rm (Pm^T U):
+    # computed as dU^T, dV^T (contiguous, i.e. column-major dU and dV for the QRs), by in-place
+    # BLAS updates (an out-of-place baddbmm costs an extra copy of its addend)
+    eye_g = torch.eye(r, dtype=U.dtype, device=U.device).mul_(g).expand(U.shape[0], r, r)
+    GtUt0 = GtUt.clone() if momentum and nesterov else GtUt
+    if momentum and Pold is not None and Rtold is not None:
+        # (2r, r) products, computed transposed (MKL is faster with the wide operand on the right)
+        RtQ = (Qt @ Rtold.mT).mT
+        PtU = (U.mT @ Pold).mT
+        K = torch.baddbmm(UtGQ, PtU.mT, RtQ, beta=g, alpha=momentum)
+        dUt = torch.bmm(RtQ.mT * momentum, Pold.mT)
+        dUt.baddbmm_(K.mT, U.mT, alpha=-1.0)
+        dVt = GtUt.baddbmm_(PtU.mT, Rtold, beta=g, alpha=momentum)
+    else:
+        dUt = torch.bmm(UtGQ.mT * -g, U.mT)
+        dVt = GtUt if g == 1.0 else GtUt.mul_(g)
+    dUt.baddbmm_(eye_g, GQ.mT)  # + g GQ^T (BLAS transposes GQ on the fly)
+    if momentum and nesterov:  # beta M + g xi_g
+        uUt = torch.baddbmm(dUt, UtGQ.mT, U.mT, beta=momentum, alpha=-g)
+        uUt.baddbmm_(eye_g, GQ.mT)
+        uVt = torch.add(GtUt0 if g == 1.0 else g * GtUt0, dVt, alpha=momentum)
+    else:
+        uUt, uVt = dUt, dVt
+    store = momentum and P_out is not None and Rt_out is not None
+    if store and not store_orthogonalized:  # before the QRs overwrite dU, dV
+        _store_momentum(P_out, Rt_out, dUt, U, Qt, dVt)
+    t = _tangent_qr_(Q, uUt.mT, uVt.mT)  # Qd, Qv overwrite uU, uV
+    if orthogonalize:
+        t = msign_tangent_qr(t)
+    if store and store_orthogonalized:
+        mU, mV = tangent_qr_to_factors(Q, t)
+        _store_momentum(P_out, Rt_out, mU.mT, U, Qt, mV.mT)
+    return _retract_qr_(U, Vt.mT, Q, t, lr, weight_decay, scratch=GQ, overwrite=True)
+
+
+def _store_momentum(
+    P_out: Tensor | None, Rt_out: Tensor | None, dUt: Tensor, U: Tensor, Qt: Tensor, dVt: Tensor
+) -> None:
+    """``P_out = [dU | U]``, ``Rt_out = [Q | dV]^T``."""
+    if P_out is None or Rt_out is None:
+        return
+    r = U.shape[-1]
+    P_out[..., :r].copy_(dUt.mT)
+    P_out[..., r:].copy_(U)
+    Rt_out[:, :r].copy_(Qt)
+    Rt_out[:, r:].copy_(dVt)
+
+
+def _factor(layer: ManifoldLayer, name: str) -> Any:
+    """``layer.module.<name>[layer.adapter].weight`` by plain dict lookups (``layer.a`` / ``.b``
+    go through ``nn.Module.__getattr__`` three times; this runs for every layer every step)."""
+    try:
+        return layer.module._modules[name]._modules[layer.adapter]._parameters["weight"]  # type: ignore[union-attr]
+    except (KeyError, AttributeError):
+        return getattr(layer, "a" if name == "lora_A" else "b")
 
 
 def _check_bool(name: str, value: Any) -> None:
@@ -219,6 +397,11 @@ class _ManifoldOptimizer(torch.optim.Optimizer):
             )
         super().__init__(groups, defaults)
         self._layers: list[ManifoldLayer] = layers
+        # per group of equal-shape layers: the stacked momentum buffers of the last step and the
+        # views of them held in self.state (reused while the state still holds those views)
+        self._momentum_cache: dict[tuple[Any, ...], tuple[Tensor, Tensor, Any, Any]] = {}
+        self._view_cache: dict[tuple[Any, ...], Any] = {}
+        self._step_cache: dict[tuple[Any, ...], Any] = {}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -236,10 +419,12 @@ class _ManifoldOptimizer(torch.optim.Optimizer):
 
     def _manifold_step(self, group: dict[str, Any]) -> None:
         params = group["params"]
+        ranks, offsets = group["ranks"], group["offsets"]
         active: list[int] = []
+        keys = []
         for k, layer in enumerate(self._layers):
             a, b = params[2 * k], params[2 * k + 1]
-            if layer.a is not a or layer.b is not b:
+            if _factor(layer, "lora_A") is not a or _factor(layer, "lora_B") is not b:
                 raise RuntimeError(
                     f"the LoRA factors of {layer.name!r} were replaced after this optimizer was "
                     "created (e.g. by riemannlora.init_loi or to_manifold(with_offset=True)); "
@@ -250,62 +435,174 @@ class _ManifoldOptimizer(torch.optim.Optimizer):
             if a.grad is None or b.grad is None:
                 raise RuntimeError(f"{layer.name!r}: only one of lora_A/lora_B has a gradient")
             active.append(k)
-        keys = []
-        for k in active:
-            a, b = params[2 * k], params[2 * k + 1]
-            keys.append((b.shape[0], a.shape[1], group["ranks"][k], a.dtype, a.device))
+            keys.append((b.shape[0], a.shape[1], ranks[k], offsets[k], a.dtype, a.device))
         lr, wd, beta = float(group["lr"]), group["weight_decay"], group["momentum"]
-        for (m, n, r, dtype, _), idx in group_indices(keys).items():
+        for key, idx in group_indices(keys).items():
+            m, n, r, _, dtype, _ = key
             ks = [active[i] for i in idx]
             A = [params[2 * k] for k in ks]
             B = [params[2 * k + 1] for k in ks]
-            U = torch.stack([b[:, r : 2 * r] for b in B])
-            V = torch.stack([a[r : 2 * r].mT for a in A])
-            Q = torch.stack([a[:r].mT for a in A])
-            GQ = torch.stack([b.grad[:, :r] for b in B])
-            GtU = torch.stack([a.grad[r : 2 * r].mT for a in A])
-            Pm, Rm = self._stacked_momentum(A, B, m, n, r)
             step_lr = lr * lr_multiplier(group.get("scale_lr"), m, n)
-            U_new, V_new, Q_new, Pm_new, Rm_new = manifold_step(
-                U,
-                V,
-                Q,
-                GQ,
-                GtU,
-                Pm,
-                Rm,
-                lr=step_lr,
+            kw = {
+                "lr": step_lr,
                 # decoupled decay with the unscaled lr, as torch's Muon: X (1 - lr wd) - step_lr D
-                weight_decay=wd * lr / step_lr,
-                momentum=beta,
-                dampening=beta if self._damped else 0.0,
-                nesterov=group["nesterov"],
-                orthogonalize=self._orthogonalize,
-                store_orthogonalized=group.get("store_orthogonalized", False),
-            )
-            torch._foreach_zero_([b[:, :r] for b in B])  # Z1 stays 0
-            torch._foreach_copy_([b[:, r : 2 * r] for b in B], list(U_new.to(dtype).unbind(0)))
-            torch._foreach_copy_([a[:r] for a in A], list(Q_new.mT.to(dtype).unbind(0)))
-            torch._foreach_copy_([a[r : 2 * r] for a in A], list(V_new.mT.to(dtype).unbind(0)))
-            for j, (a, b) in enumerate(zip(A, B)):
-                st_a, st_b = self.state[a], self.state[b]
-                st_b["step"] = st_b.get("step", torch.tensor(0.0)) + 1
-                if Pm_new is not None and Rm_new is not None:
-                    st_b["momentum_left"] = Pm_new[j]
-                    st_a["momentum_right"] = Rm_new[j]
+                "weight_decay": wd * lr / step_lr,
+                "momentum": beta,
+                "dampening": beta if self._damped else 0.0,
+                "nesterov": group["nesterov"],
+                "orthogonalize": self._orthogonalize,
+                "store_orthogonalized": group.get("store_orthogonalized", False),
+            }
+            if 2 * r <= min(m, n):
+                self._structured_group(key, A, B, kw)
+            else:
+                self._literal_group(A, B, m, n, r, dtype, kw)
+            self._count_step(key, B)
+
+    def _count_step(self, key: tuple[Any, ...], B: list[Tensor]) -> None:
+        """``state[b]["step"] += 1`` for a group: the counters are 0-d views of one tensor per
+        group, incremented by a single op while the state still holds exactly those views."""
+        steps = [self.state[b].get("step") for b in B]
+        cached = self._step_cache.get(key)
+        if (
+            cached is not None
+            and len(cached[1]) == len(steps)
+            and all(x is y for x, y in zip(steps, cached[1]))
+        ):
+            cached[0].add_(1.0)
+            return
+        zero = torch.tensor(0.0)
+        counts = torch.stack([zero if x is None else x.reshape(()) for x in steps]).add_(1.0)
+        views = counts.unbind(0)
+        for b, view in zip(B, views):
+            self.state[b]["step"] = view
+        self._step_cache[key] = (counts, views)
+
+    def _structured_group(
+        self, key: tuple[Any, ...], A: list[Tensor], B: list[Tensor], kw: dict[str, Any]
+    ) -> None:
+        """One group of equal-shape layers by :func:`_structured_step`. The momentum buffers
+        of the group are stacked once and then updated in place every step while the state
+        still holds exactly their views (no fresh multi-MB allocation per step: on CPU the
+        page faults of fresh memory cost as much as the arithmetic)."""
+        r = key[2]
+        dtype = A[0].dtype
+        Pm = Rmt = None
+        fresh = True
+        if kw["momentum"]:
+            Pm, Rmt, fresh = self._stacked_momentum(key, A, B)
+        cdt = compute_dtype(A[0], *([] if Pm is None else [Pm]))
+        u_views, q_views, v_views = self._param_views(key, A, B)
+        U = torch.stack(u_views).to(cdt)
+        Qt = torch.stack(q_views).to(cdt)  # contiguous row blocks of lora_A
+        Vt = torch.stack(v_views).to(cdt)
+        GQ = torch.stack([b.grad[:, :r] for b in B]).to(cdt)
+        GtUt = torch.stack([a.grad[r : 2 * r] for a in A]).to(cdt)
+        if Pm is not None and Rmt is not None and Pm.dtype != cdt:
+            Pm, Rmt, fresh = Pm.to(cdt), Rmt.to(cdt), True
+        Pold, Rtold = Pm, Rmt
+        if kw["momentum"] and (Pm is None or Rmt is None):
+            Pm = U.new_empty(U.shape[0], U.shape[1], 2 * r)
+            Rmt = U.new_empty(U.shape[0], 2 * r, Qt.shape[-1])
+        U_new, V_new, Q_new = _structured_step(U, Qt, Vt, GQ, GtUt, Pold, Rtold, Pm, Rmt, **kw)
+        # straight into the parameters, per layer (cheaper than assembling whole new tensors)
+        torch._foreach_copy_(u_views, list(U_new.to(dtype).unbind(0)))
+        torch._foreach_copy_(q_views, list(Q_new.mT.to(dtype).unbind(0)))
+        torch._foreach_copy_(v_views, list(V_new.mT.to(dtype).unbind(0)))
+        if Pm is None or Rmt is None or not fresh:
+            return  # no momentum, or updated in place: the state holds views of Pm, Rmt
+        lefts, rights = Pm.unbind(0), Rmt.mT.unbind(0)
+        for a, b, left, right in zip(A, B, lefts, rights):
+            self.state[b]["momentum_left"] = left
+            self.state[a]["momentum_right"] = right
+        self._momentum_cache[key] = (Pm, Rmt, lefts, rights)
+
+    def _param_views(
+        self, key: tuple[Any, ...], A: list[Tensor], B: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """The views ``U = b[:, r:2r]``, ``Q^T = a[:r]``, ``V^T = a[r:2r]`` of a group's
+        parameters, cached across steps (slicing a Parameter costs microseconds, times three
+        views, times every layer, every step); rebuilt when a parameter object or its storage
+        changed."""
+        r = key[2]
+        ptrs = [p.data_ptr() for p in A] + [p.data_ptr() for p in B]
+        cached = self._view_cache.get(key)
+        if (
+            cached is not None
+            and cached[0] == ptrs
+            and len(cached[1]) == len(A)
+            and all(x is y for x, y in zip(cached[1], A))
+            and all(x is y for x, y in zip(cached[2], B))
+        ):
+            return cached[3]
+        views = ([b[:, r : 2 * r] for b in B], [a[:r] for a in A], [a[r : 2 * r] for a in A])
+        self._view_cache[key] = (ptrs, list(A), list(B), views)
+        # Z1 = 0 always: nothing but to_manifold writes it, so it is reset here, once per
+        # (re)built cache, instead of every step
+        torch._foreach_zero_([b[:, :r] for b in B])
+        return views
 
     def _stacked_momentum(
-        self, A: list[Tensor], B: list[Tensor], m: int, n: int, r: int
-    ) -> tuple[Tensor | None, Tensor | None]:
+        self, key: tuple[Any, ...], A: list[Tensor], B: list[Tensor]
+    ) -> tuple[Tensor | None, Tensor | None, bool]:
+        """``(Pm, Rm^T, fresh)`` of a group, stacked ``(L, m, 2r)``, ``(L, 2r, n)`` contiguous
+        (None: no momentum yet). ``fresh=False``: the buffers of the previous step, whose views
+        the state still holds exactly; otherwise a new stack of the state's tensors (same
+        layout either way, so a resumed run is bitwise the same)."""
         lefts = [self.state[b].get("momentum_left") for b in B]
         rights = [self.state[a].get("momentum_right") for a in A]
+        cached = self._momentum_cache.get(key)
+        if (
+            cached is not None
+            and len(cached[2]) == len(lefts)
+            and all(x is y for x, y in zip(lefts, cached[2]))
+            and all(x is y for x, y in zip(rights, cached[3]))
+        ):
+            return cached[0], cached[1], False
         present = [x for x in lefts if x is not None]
         if not present:
-            return None, None
+            return None, None, True
         ref = present[0]
+        m, n, r = key[0], key[1], key[2]
         lefts = [ref.new_zeros(m, 2 * r) if x is None else x for x in lefts]
         rights = [ref.new_zeros(n, 2 * r) if x is None else x for x in rights]
-        return torch.stack(lefts), torch.stack(rights)
+        return torch.stack(lefts), torch.stack([x.mT for x in rights]), True
+
+    def _literal_group(
+        self,
+        A: list[Tensor],
+        B: list[Tensor],
+        m: int,
+        n: int,
+        r: int,
+        dtype: torch.dtype,
+        kw: dict[str, Any],
+    ) -> None:
+        """One group by the spec's literal formulas (``2r > min(m, n)``)."""
+        U = torch.stack([b[:, r : 2 * r] for b in B])
+        V = torch.stack([a[r : 2 * r].mT for a in A])
+        Q = torch.stack([a[:r].mT for a in A])
+        GQ = torch.stack([b.grad[:, :r] for b in B])
+        GtU = torch.stack([a.grad[r : 2 * r].mT for a in A])
+        lefts = [self.state[b].get("momentum_left") for b in B]
+        rights = [self.state[a].get("momentum_right") for a in A]
+        Pm = Rm = None
+        present = [x for x in lefts if x is not None]
+        if present:
+            ref = present[0]
+            Pm = torch.stack([ref.new_zeros(m, 2 * r) if x is None else x for x in lefts])
+            Rm = torch.stack([ref.new_zeros(n, 2 * r) if x is None else x for x in rights])
+        U_new, V_new, Q_new, Pm_new, Rm_new = manifold_step(
+            U, V, Q, GQ, GtU, Pm, Rm, structured=False, **kw
+        )
+        torch._foreach_zero_([b[:, :r] for b in B])  # Z1 stays 0
+        torch._foreach_copy_([b[:, r : 2 * r] for b in B], list(U_new.to(dtype).unbind(0)))
+        torch._foreach_copy_([a[:r] for a in A], list(Q_new.mT.to(dtype).unbind(0)))
+        torch._foreach_copy_([a[r : 2 * r] for a in A], list(V_new.mT.to(dtype).unbind(0)))
+        if Pm_new is not None and Rm_new is not None:
+            for j, (a, b) in enumerate(zip(A, B)):
+                self.state[b]["momentum_left"] = Pm_new[j]
+                self.state[a]["momentum_right"] = Rm_new[j]
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         params: list[Tensor] = []
