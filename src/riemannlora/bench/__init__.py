@@ -1,0 +1,27 @@
+"""The ``riemannlora bench`` harness: one training loop, many optimizers, real models and data.
+
+* :mod:`~riemannlora.bench.methods` -- the compared methods, their settings and learning rates;
+* :mod:`~riemannlora.bench.workloads` -- tasks: model, LoRA layers, batches, final metrics;
+* :mod:`~riemannlora.bench.metrics` -- BLEU and ROUGE-L;
+* :mod:`~riemannlora.bench.runner` -- the training loop, the run cache and the sweep;
+* :mod:`~riemannlora.bench.measure` -- peak memory and synchronized timing;
+* :mod:`~riemannlora.bench.summary` -- per-method summaries;
+* :mod:`~riemannlora.bench.report` -- ``results.json``, ``results.md`` and plots.
+
+The command line (:mod:`riemannlora.cli`) ties them together.
+"""
+
+from riemannlora.bench.methods import METHODS, available_methods, lr_grid
+from riemannlora.bench.runner import RunCache, RunConfig, run_sweep, train
+from riemannlora.bench.workloads import WORKLOADS
+
+__all__ = [
+    "METHODS",
+    "WORKLOADS",
+    "RunCache",
+    "RunConfig",
+    "available_methods",
+    "lr_grid",
+    "run_sweep",
+    "train",
+]

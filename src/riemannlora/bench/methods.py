@@ -1,0 +1,330 @@
+"""The optimizers the benchmark compares, with their hyper-parameters and learning rates.
+
+Every method trains the same PEFT LoRA model (rank r, ``lora_alpha = 2 r``, no dropout, LoRA on
+every linear layer but the head) on the same batches from the same seed. Weight decay is 0
+everywhere, no gradient clipping; every param group's learning rate decays linearly from its
+initial value to 0 over the run (:mod:`riemannlora.bench.runner`). The peak learning rate
+``lr`` is the only tuned knob. Methods and their fixed settings:
+
+``sgd``
+    ``torch.optim.SGD(lr)`` on every trainable parameter (no momentum).
+``adamw``
+    ``torch.optim.AdamW(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0)``.
+``loraplus``
+    LoRA+: ``peft.optimizers.create_loraplus_optimizer(AdamW, lr, loraplus_lr_ratio=16)``
+    (``lora_B`` and 1-D parameters at ``16 lr``).
+``peft-riemannian``
+    ``peft.optimizers.create_riemannian_optimizer(AdamW, lr, reg=1e-2)``: PEFT's scaled AdamW
+    (``pinv`` preconditioner, LoRA scaling ignored).
+``muon``
+    ``torch.optim.Muon(lr, momentum=0.95, nesterov=True, weight_decay=0,
+    adjust_lr_fn="match_rms_adamw")`` on the 2-D LoRA factors (each factor orthogonalized
+    separately), ``AdamW(lr)`` on the other parameters (the classifier head).
+``scaled-sgd``
+    ``riemannlora.ScaledSGD(lr)`` (reg 1e-6, scale-aware, no momentum).
+``scaled-adamw``
+    ``riemannlora.ScaledAdamW(lr)`` (reg 1e-6, scale-aware, AdamW betas/eps).
+``riemannian-sgd``
+    ``riemannlora.RiemannianSGD(lr, momentum=0.9)`` on the fixed-rank manifold; the other
+    parameters (head) use AdamW at the task's ``adamw`` default lr (an SGD-scale lr would
+    not suit Adam).
+``riemannion``
+    ``riemannlora.Riemannion(lr, momentum=0.9, scale_lr="match_adamw")``: Muon's msign step on
+    the manifold, lr multiplied by ``0.2 sqrt(max(m, n))`` per layer so that ``lr`` is on
+    AdamW's scale; the other parameters use ``AdamW(lr)``.
+``riemannion-loi``
+    :func:`riemannlora.init_loi` (oversampling 16, 1 power iteration, alpha ``-0.01/sqrt(r)``) on
+    the first training batch, then ``riemannion``.
+``pissa``
+    ``AdamW(lr)`` from PEFT's ``init_lora_weights="pissa"`` (principal singular vectors; the
+    base weight becomes ``W - s B A``).
+``lora-ga``
+    ``AdamW(lr)`` from LoRA-GA: PEFT's ``preprocess_loraga`` estimates the full-weight gradient
+    on the first training batch, then ``init_lora_weights="lora_ga"`` with
+    ``LoraGAConfig()`` (direction ``ArB2r``, scale ``stable``, gamma 16).
+
+Learning rates: ``default_lr[kind]`` for ``kind`` in (``"classification"``, ``"causal"``) is the
+single learning rate of the default run; the sweep grid is :func:`lr_grid` around it: 7 points,
+half a decade apart, three decades in all. The classification lrs of the four main methods were
+tuned on MultiEmo + MiniLM (r 8, batch 16, linear decay, seed 0; final eval loss on 256 eval
+sentences) with 300 steps (the default run has 200, to fit its time budget):
+
+==============  ======  ======  ======  ======
+method          3e-4    1e-3    3e-3    1e-2
+==============  ======  ======  ======  ======
+adamw           0.871   0.821*  0.839
+scaled-adamw            0.814   0.798*  1.285
+riemannion              0.790*  0.788   1.284
+riemannion-loi          0.776*  0.792   1.287
+==============  ======  ======  ======  ======
+
+(``*`` chosen; riemannion's two best lrs tie, the lower one is kept.) The other methods' lrs
+and all causal-LM lrs are educated guesses (typical LoRA values; SGD-type methods at the
+scale where ScaledSGD trains MiniLM), placed so that the 3-decade grid brackets the optimum.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MAIN_METHODS",
+    "METHODS",
+    "Method",
+    "MethodContext",
+    "available_methods",
+    "get_method",
+    "lr_grid",
+]
+
+
+@dataclass
+class MethodContext:
+    """What a method may need beyond the model and lr.
+
+    ``compute_loss(model)`` runs ``model`` on the first training batch and returns the loss
+    (for data-dependent inits); ``adamw_lr`` is the task's AdamW default lr; ``seed`` seeds the
+    random draws of the method.
+    """
+
+    compute_loss: Callable[[nn.Module], torch.Tensor]
+    adamw_lr: float
+    seed: int
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded with :attr:`seed`."""
+        return torch.Generator().manual_seed(self.seed)
+
+
+class OptimizerList:
+    """Several optimizers stepped as one (Muon on the factors + AdamW on the rest)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = [o for o in optimizers if o is not None]
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _sgd(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
+    return torch.optim.SGD(_trainable(model), lr=lr)
+
+
+def _adamw(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
+    return torch.optim.AdamW(_trainable(model), lr=lr, weight_decay=0.0)
+
+
+def _loraplus(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(
+        model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=16, weight_decay=0.0
+    )
+
+
+def _peft_riemannian(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
+    from peft.optimizers import create_riemannian_optimizer
+
+    return create_riemannian_optimizer(model, torch.optim.AdamW, lr=lr, weight_decay=0.0)
+
+
+def _muon(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
+    from riemannlora import find_lora_pairs
+
+    found = find_lora_pairs(model)
+    factors = [p for pair in found.pairs for p in (pair.a, pair.b)]
+    muon = torch.optim.Muon(factors, lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+    rest = torch.optim.AdamW(found.others, lr=lr, weight_decay=0.0) if found.others else None
+    return OptimizerList(muon, rest)
+
+
+def _scaled_sgd(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
+    import riemannlora
+
+    return riemannlora.ScaledSGD(model, lr=lr)
+
+
+def _scaled_adamw(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
+    import riemannlora
+
+    return riemannlora.ScaledAdamW(model, lr=lr)
+
+
+def _riemannian_sgd(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
+    import riemannlora
+
+    return riemannlora.RiemannianSGD(
+        model, lr=lr, momentum=0.9, adamw_lr=ctx.adamw_lr, generator=ctx.generator()
+    )
+
+
+def _riemannion(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
+    import riemannlora
+
+    return riemannlora.Riemannion(
+        model, lr=lr, momentum=0.9, scale_lr="match_adamw", generator=ctx.generator()
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# initializations: (base model, LoraConfig, ctx) -> PEFT model
+# --------------------------------------------------------------------------------------------
+
+
+def _init_default(base: nn.Module, config: Any, ctx: MethodContext) -> nn.Module:
+    from peft import get_peft_model
+
+    return get_peft_model(base, config)
+
+
+def _init_pissa(base: nn.Module, config: Any, ctx: MethodContext) -> nn.Module:
+    config.init_lora_weights = "pissa"
+    return _init_default(base, config, ctx)
+
+
+def _init_lora_ga(base: nn.Module, config: Any, ctx: MethodContext) -> nn.Module:
+    from peft import LoraGAConfig, preprocess_loraga
+
+    config.init_lora_weights = "lora_ga"
+    config.lora_ga_config = LoraGAConfig()
+    with warnings.catch_warnings():  # PEFT's counting hooks warn when the inputs need no grad
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        preprocess_loraga(base, config, lambda: ctx.compute_loss(base).backward())
+    return _init_default(base, config, ctx)
+
+
+def _init_loi(base: nn.Module, config: Any, ctx: MethodContext) -> nn.Module:
+    import riemannlora
+
+    model = _init_default(base, config, ctx)
+    riemannlora.init_loi(model, lambda: ctx.compute_loss(model), generator=ctx.generator())
+    return model
+
+
+INITS: dict[str, Callable[[nn.Module, Any, MethodContext], nn.Module]] = {
+    "lora": _init_default,
+    "pissa": _init_pissa,
+    "lora-ga": _init_lora_ga,
+    "loi": _init_loi,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """A benchmarked method: an initialization, an optimizer factory and its learning rates.
+
+    ``build(model, lr, ctx)`` returns an object with ``step()`` and ``zero_grad()``;
+    ``init`` names an entry of :data:`INITS`; ``requires`` names attributes of the
+    ``riemannlora`` package the method needs (it is unavailable without them).
+    """
+
+    name: str
+    summary: str
+    build: Callable[[nn.Module, float, MethodContext], Any]
+    default_lr: dict[str, float]
+    init: str = "lora"
+    requires: tuple[str, ...] = field(default=())
+
+    def available(self) -> bool:
+        """Whether the ``riemannlora`` features this method needs exist."""
+        import riemannlora
+
+        return all(hasattr(riemannlora, name) for name in self.requires)
+
+    def lr_for(self, kind: str) -> float:
+        """Default learning rate for a task kind (``"classification"`` or ``"causal"``)."""
+        return self.default_lr[kind]
+
+    def initialize(self, base: nn.Module, config: Any, ctx: MethodContext) -> nn.Module:
+        """Wrap ``base`` into the PEFT model this method starts from."""
+        return INITS[self.init](base, config, ctx)
+
+
+def _m(name: str, summary: str, build: Callable, cls_lr: float, lm_lr: float, **kw: Any) -> Method:
+    return Method(name, summary, build, {"classification": cls_lr, "causal": lm_lr}, **kw)
+
+
+_ADAM = "betas (0.9, 0.999), eps 1e-8"
+#: Every method, in table order.
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        _m("sgd", "torch SGD, momentum 0", _sgd, 1.0, 0.3),
+        _m("adamw", f"torch AdamW, {_ADAM}", _adamw, 1e-3, 5e-4),
+        _m("loraplus", "LoRA+ (peft), AdamW, lora_B and 1-D params at 16 lr", _loraplus,
+           2e-4, 1e-4),
+        _m("peft-riemannian", "peft create_riemannian_optimizer(AdamW, reg=1e-2)",
+           _peft_riemannian, 1e-3, 5e-4),
+        _m("muon", "torch Muon (momentum 0.95, nesterov, match_rms_adamw) on the LoRA "
+           "factors, AdamW on the head", _muon, 1e-3, 5e-4),
+        _m("scaled-sgd", "riemannlora ScaledSGD, reg 1e-6, scale-aware", _scaled_sgd, 0.3, 0.1),
+        _m("scaled-adamw", f"riemannlora ScaledAdamW, reg 1e-6, scale-aware, {_ADAM}",
+           _scaled_adamw, 3e-3, 1e-3),
+        _m("riemannian-sgd", "riemannlora RiemannianSGD, momentum 0.9; head: AdamW at the "
+           "adamw default lr", _riemannian_sgd, 1.0, 0.3, requires=("RiemannianSGD",)),
+        _m("riemannion", "riemannlora Riemannion, momentum 0.9, scale_lr=match_adamw; head: "
+           "AdamW at lr", _riemannion, 1e-3, 5e-4, requires=("Riemannion",)),
+        _m("riemannion-loi", "init_loi (oversampling 16, 1 power iteration) on the first "
+           "batch, then riemannion", _riemannion, 1e-3, 5e-4, init="loi",
+           requires=("Riemannion", "init_loi")),
+        _m("pissa", "AdamW from PEFT's PiSSA init (exact SVD)", _adamw, 2e-4, 1e-4,
+           init="pissa"),
+        _m("lora-ga", "AdamW from PEFT's LoRA-GA init (gradient of the first batch, "
+           "ArB2r, stable scale)", _adamw, 2e-4, 1e-4, init="lora-ga"),
+    )
+}  # fmt: skip
+
+#: The methods of the default run (those available).
+MAIN_METHODS = ("adamw", "scaled-adamw", "riemannion", "riemannion-loi")
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``; ``ValueError`` naming the choices otherwise."""
+    key = name.strip().lower()
+    if key not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    method = METHODS[key]
+    if not method.available():
+        raise ValueError(
+            f"method {name!r} needs riemannlora.{', riemannlora.'.join(method.requires)}, "
+            "which this installation does not have"
+        )
+    return method
+
+
+def available_methods() -> list[str]:
+    """Names of the methods usable with this installation, in table order."""
+    return [name for name, m in METHODS.items() if m.available()]
+
+
+def lr_grid(center: float, decades: float = 3.0, points_per_decade: int = 2) -> list[float]:
+    """Log-spaced learning rates centred on ``center``: ``center * 10**(k / points_per_decade)``
+    for ``|k| <= decades * points_per_decade / 2`` (default: 7 points over 3 decades)."""
+    if center <= 0:
+        raise ValueError(f"lr must be > 0, got {center}")
+    half = round(decades * points_per_decade / 2)
+    return [float(f"{center * 10 ** (k / points_per_decade):.3g}") for k in range(-half, half + 1)]

@@ -1,0 +1,214 @@
+"""Outputs of a benchmark: ``results.json``, a markdown table and PNG plots (matplotlib, Agg).
+
+Files written by :func:`write_report` into the output directory:
+
+* ``results.json`` -- settings, per-method summaries (:mod:`riemannlora.bench.summary`), every
+  run record with its curves, failures and cache statistics;
+* ``results.md`` -- the summary table (also printed);
+* ``eval_loss_curves.png`` -- eval loss vs step per method at its best learning rate (mean over
+  seeds, band: min-max over seeds);
+* ``lr_sweep.png`` -- final eval loss vs learning rate per method (log x; diverged runs left out);
+* ``time_per_step.png`` -- median seconds per training step per method, optimizer step shaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+from collections import defaultdict
+from typing import Any
+
+__all__ = ["PLOTS", "format_table", "write_report"]
+
+#: File names of the plots.
+PLOTS = ("eval_loss_curves.png", "lr_sweep.png", "time_per_step.png")
+
+_METRIC_LABELS = {"accuracy": "accuracy", "bleu": "BLEU", "rouge_l": "ROUGE-L"}
+
+
+def _pm(mean: float | None, std: float | None, digits: int) -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def format_table(
+    summary: dict[str, dict[str, Any]], metrics: list[str], steps: int, reference: str = "adamw"
+) -> str:
+    """The summary as a markdown table (one row per method)."""
+    header = [
+        "method",
+        "best lr",
+        "final eval loss",
+        *(_METRIC_LABELS.get(m, m) for m in metrics),
+        f"steps to {reference} loss",
+        "LR band (decades)",
+        "s/step",
+        "opt step (ms)",
+        "peak mem (MiB)",
+    ]
+    rows = [header, ["---"] * len(header)]
+    for method, s in summary.items():
+        reach = s.get("steps_to_reference")
+        if s.get("reference_eval_loss") is None:
+            reach_text = "—"
+        else:
+            reach_text = f"> {steps}" if reach is None else f"{reach:g}"
+        band = s.get("lr_band_decades")
+        digits = {"bleu": 2}
+        row = [
+            method,
+            f"{s['best_lr']:.3g}",
+            _pm(s["eval_loss_mean"], s["eval_loss_std"], 4),
+            *(_pm(s.get(f"{m}_mean"), s.get(f"{m}_std"), digits.get(m, 4)) for m in metrics),
+            reach_text,
+            "—" if band is None else f"{band:.1f}",
+            "—" if s["time_per_step_s"] is None else f"{s['time_per_step_s']:.3f}",
+            "—" if s["opt_step_s"] is None else f"{1e3 * s['opt_step_s']:.1f}",
+            "—" if s["peak_mem_mb"] is None else f"{s['peak_mem_mb']:.0f}",
+        ]
+        rows.append(row)
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def _color(method: str) -> Any:
+    """A fixed colour per method (its position in the registry), the same in every plot."""
+    import matplotlib
+
+    from riemannlora.bench.methods import METHODS
+
+    names = list(METHODS)
+    i = (names.index(method) if method in names else len(names)) % 20
+    # the ten dark tab20 colours first, then their light partners
+    return matplotlib.colormaps["tab20"](2 * i if i < 10 else 2 * (i - 10) + 1)
+
+
+def _format_sweep(summary: dict[str, dict[str, Any]]) -> str:
+    """Markdown list of each method's final eval loss per learning rate (reference seed), or
+    ``""`` when no method ran more than one learning rate."""
+    if all(len(s["final_eval_loss_by_lr"]) < 2 for s in summary.values()):
+        return ""
+    lines = ["", "## Final eval loss by learning rate (first seed)", ""]
+    for method, s in summary.items():
+        cells = [
+            f"{float(lr):.3g}: " + ("diverged" if v is None else f"{v:.4f}")
+            for lr, v in s["final_eval_loss_by_lr"].items()
+        ]
+        lines.append(f"- **{method}**: " + ", ".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+def _plot_curves(ax: Any, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    for method, s in summary.items():
+        runs = [
+            r
+            for r in records
+            if r["config"]["method"] == method and r["config"]["lr"] == s["best_lr"]
+        ]
+        by_step: dict[float, list[float]] = defaultdict(list)
+        for r in runs:
+            for step, loss in r["eval_loss"]:
+                if loss is not None:
+                    by_step[step].append(loss)
+        steps = sorted(by_step)
+        if not steps:
+            continue
+        mean = [sum(by_step[t]) / len(by_step[t]) for t in steps]
+        color = _color(method)
+        ax.plot(steps, mean, marker=".", color=color, label=f"{method} (lr {s['best_lr']:.3g})")
+        if len(runs) > 1:
+            lo = [min(by_step[t]) for t in steps]
+            hi = [max(by_step[t]) for t in steps]
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.15)
+    ax.set_xlabel("step")
+    ax.set_ylabel("eval loss")
+    ax.set_title("Eval loss at each method's best learning rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _plot_sweep(ax: Any, summary: dict[str, Any]) -> None:
+    for method, s in summary.items():
+        points = [(float(lr), v) for lr, v in s["final_eval_loss_by_lr"].items() if v is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", color=_color(method), label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final eval loss")
+    ax.set_title("Final eval loss vs learning rate (diverged runs omitted)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
+def _plot_times(ax: Any, summary: dict[str, Any]) -> None:
+    names = [m for m, s in summary.items() if s["time_per_step_s"] is not None]
+    total = [summary[m]["time_per_step_s"] for m in names]
+    opt = [summary[m]["opt_step_s"] or 0.0 for m in names]
+    ax.bar(names, total, color=[_color(m) for m in names], label="whole step")
+    ax.bar(names, opt, color="black", alpha=0.45, label="optimizer.step()")
+    ax.set_ylabel("median seconds per step")
+    ax.set_title("Time per training step")
+    ax.tick_params(axis="x", rotation=45)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+
+
+def write_plots(out: pathlib.Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """Write the three PNGs of :data:`PLOTS` into ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for name, draw in zip(
+        PLOTS,
+        (
+            lambda ax: _plot_curves(ax, records, summary),
+            lambda ax: _plot_sweep(ax, summary),
+            lambda ax: _plot_times(ax, summary),
+        ),
+    ):
+        fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+        draw(ax)
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+
+
+def _write_text(path: pathlib.Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
+    os.replace(tmp, path)
+
+
+def write_report(
+    out: str | os.PathLike[str],
+    results: dict[str, Any],
+    title: str,
+) -> str:
+    """Write ``results.json``, ``results.md`` and the plots into ``out``; return the table.
+
+    ``results`` must hold ``summary``, ``runs``, ``metrics`` and ``settings`` (with ``steps``).
+    """
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(results["summary"], results["metrics"], results["settings"]["steps"])
+    _write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False))
+    notes = (
+        "Final eval loss and metrics: mean ± std over seeds at each method's best learning "
+        "rate. Steps to reference: first eval step reaching the reference method's best mean "
+        "final eval loss (median over seeds). LR band: width of the learning-rate range within "
+        "5 % of the best final eval loss. Times and memory: medians over runs "
+        f"({results.get('memory_kind', 'peak memory')} above the loaded base model)."
+    )
+    sweep = _format_sweep(results["summary"])
+    _write_text(out / "results.md", f"# {title}\n\n{table}\n\n{notes}\n{sweep}")
+    if results["summary"]:
+        write_plots(out, results["runs"], results["summary"])
+    return table

@@ -1,0 +1,369 @@
+"""One training loop for every method and task, a JSON cache of finished runs, and the sweep.
+
+A run (:class:`RunConfig`) loads the pretrained model, applies the method's LoRA
+initialization, builds its optimizer and trains for ``steps`` steps on the task's batches
+(:func:`riemannlora.bench.workloads.train_batches`, identical for every method at one seed),
+with the learning rate decayed linearly to 0 (no warmup) and no gradient clipping.
+It records (see :func:`train`):
+
+* ``eval_loss``: ``[step, loss]`` at step 0, every ``eval_every`` steps and the last step, on
+  the fixed eval subset (first ``eval_size`` eval examples); ``train_loss``: every step's loss;
+* ``final``: the task's final metrics plus ``eval_loss`` (the last curve point);
+* ``time_per_step_s`` / ``opt_step_s``: median seconds of a whole training step (forward,
+  backward, optimizer step, zero_grad) and of ``optimizer.step()`` alone (CUDA synchronized);
+  ``init_s``: building the PEFT model (with the method's initialization) and the optimizer;
+* ``peak_mem_mb``: peak memory above the baseline taken after the base model and the data are
+  loaded, over initialization and training (evaluations included; see
+  :class:`riemannlora.bench.measure.PeakMemory`), ``memory_kind`` says what was measured;
+* ``wall_s``: the whole run, evaluation included; ``diverged``: a non-finite loss stopped it.
+
+Finished runs are stored as ``OUT/runs/<key>.json`` (:class:`RunCache`); the key hashes every
+field of the config and :data:`BENCH_VERSION`, so an interrupted sweep resumes where it stopped
+and changing any setting trains anew.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from riemannlora.assets import AssetNotFoundError
+from riemannlora.bench.measure import PeakMemory, clock
+from riemannlora.bench.methods import METHODS, MethodContext, get_method
+from riemannlora.bench.workloads import (
+    WORKLOADS,
+    eval_batches,
+    eval_loss,
+    final_metrics,
+    load_base,
+    lora_config,
+    train_batches,
+)
+
+__all__ = ["BENCH_VERSION", "RunCache", "RunConfig", "quiet_libraries", "run_sweep", "train"]
+
+#: Bump when a change makes cached runs incomparable with new ones.
+BENCH_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines one training run (all of it goes into the cache key)."""
+
+    task: str
+    model: str
+    method: str
+    lr: float
+    seed: int
+    steps: int
+    rank: int
+    batch_size: int
+    eval_every: int
+    eval_size: int
+    final_eval_size: int
+    max_length: int
+    max_new_tokens: int
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.task not in WORKLOADS:
+            raise ValueError(f"unknown task {self.task!r}; choose from {', '.join(WORKLOADS)}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        for name in ("steps", "rank", "batch_size", "eval_every", "eval_size", "final_eval_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def key(self) -> str:
+        """File-name-safe cache key: readable prefix + hash of all fields and the version."""
+        fields = {**dataclasses.asdict(self), "version": BENCH_VERSION}
+        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+        return f"{self.task}_{self.method}_lr{self.lr:.3g}_s{self.seed}_{digest}"
+
+
+def quiet_libraries() -> None:
+    """Silence the load reports, weight-loading bars and known harmless warnings of the
+    libraries, so the benchmark's own progress bars and table stay readable."""
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+# --------------------------------------------------------------------------------------------
+# the training loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Trace:
+    """What the training loop observed."""
+
+    eval_loss: list[list[float | None]] = field(default_factory=list)
+    train_loss: list[float | None] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)
+    opt_s: list[float] = field(default_factory=list)
+    diverged: bool = False
+
+
+def _train_loop(
+    model: torch.nn.Module,
+    optimizer: Any,
+    batches: Iterator[dict[str, torch.Tensor]],
+    held_out: list[dict[str, torch.Tensor]],
+    cfg: RunConfig,
+    progress: bool,
+) -> _Trace:
+    """The one training loop of the benchmark: ``cfg.steps`` steps with the learning rate of
+    every param group decayed linearly from its initial value to 0 (step t uses
+    ``lr (1 - (t - 1) / steps)``), eval-loss points at step 0, every ``cfg.eval_every`` steps
+    and the last step; stops at the first non-finite loss."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(cfg.device)
+    trace = _Trace(eval_loss=[[0, _finite(eval_loss(model, held_out))]])
+    groups = optimizer.param_groups
+    peak_lrs = [group["lr"] for group in groups]
+    model.train()
+    bar = tqdm(
+        range(1, cfg.steps + 1),
+        desc=f"{cfg.method} lr={cfg.lr:.3g} seed={cfg.seed}",
+        leave=False,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    for step in bar:
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        for group, peak in zip(groups, peak_lrs):  # linear decay to 0, every group alike
+            group["lr"] = peak * (1 - (step - 1) / cfg.steps)
+        t_start = clock(device)
+        loss = model(**batch).loss
+        loss.backward()
+        t_opt = clock(device)
+        optimizer.step()
+        t_end = clock(device)
+        optimizer.zero_grad(set_to_none=True)
+        trace.step_s.append(clock(device) - t_start)
+        trace.opt_s.append(t_end - t_opt)
+        trace.train_loss.append(_finite(float(loss.detach())))
+        if trace.train_loss[-1] is None:
+            trace.diverged = True
+            break
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            value = _finite(eval_loss(model, held_out))
+            trace.eval_loss.append([step, value])
+            bar.set_postfix(eval_loss="nan" if value is None else f"{value:.4f}")
+            if value is None:
+                trace.diverged = True
+                break
+    bar.close()
+    return trace
+
+
+def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    """Run ``cfg`` and return its record (JSON-ready; non-finite numbers become ``None``)."""
+    start = time.perf_counter()
+    workload, method = WORKLOADS[cfg.task], get_method(cfg.method)
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)  # the new classifier head and PEFT's lora_A init
+    base, tokenizer = load_base(workload, cfg.model, cfg.device)
+    batches = train_batches(
+        workload,
+        tokenizer,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+    )
+    first = {k: v.to(device) for k, v in next(batches).items()}
+    held_out = eval_batches(workload, tokenizer, n=cfg.eval_size, max_length=cfg.max_length)
+    ctx = MethodContext(
+        compute_loss=lambda m: m(**first).loss,
+        adamw_lr=METHODS["adamw"].lr_for(workload.kind),
+        seed=cfg.seed,
+    )
+    with PeakMemory(device) as memory:
+        t0 = time.perf_counter()
+        model = method.initialize(base, lora_config(workload, base, cfg.rank), ctx)
+        optimizer = method.build(model, cfg.lr, ctx)
+        init_s = time.perf_counter() - t0
+        trace = _train_loop(
+            model, optimizer, itertools.chain([first], batches), held_out, cfg, progress
+        )
+        peak_mb = memory.peak_mb()
+
+    final: dict[str, Any] = {"eval_loss": None if trace.diverged else trace.eval_loss[-1][1]}
+    if not trace.diverged:
+        final.update(
+            final_metrics(
+                workload,
+                model,
+                tokenizer,
+                final_eval_size=cfg.final_eval_size,
+                max_length=cfg.max_length,
+                max_new_tokens=cfg.max_new_tokens,
+                progress=progress,
+            )
+        )
+    return {
+        "key": cfg.key(),
+        "version": BENCH_VERSION,
+        "config": dataclasses.asdict(cfg),
+        "final": final,
+        "eval_loss": trace.eval_loss,
+        "train_loss": trace.train_loss,
+        "diverged": trace.diverged,
+        "steps_done": len(trace.step_s),
+        "time_per_step_s": statistics.median(trace.step_s) if trace.step_s else None,
+        "opt_step_s": statistics.median(trace.opt_s) if trace.opt_s else None,
+        "init_s": init_s,
+        "peak_mem_mb": peak_mb,
+        "memory_kind": memory.kind,
+        "wall_s": time.perf_counter() - start,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "env": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": cfg.device,
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# cache and sweep
+# --------------------------------------------------------------------------------------------
+
+
+class RunCache:
+    """Finished runs as ``<root>/runs/<key>.json``; counts hits and trained runs."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.dir = pathlib.Path(root) / "runs"
+        self.hits = 0
+        self.trained = 0
+
+    def path(self, cfg: RunConfig) -> pathlib.Path:
+        return self.dir / f"{cfg.key()}.json"
+
+    def get(self, cfg: RunConfig) -> dict[str, Any] | None:
+        """The stored record of ``cfg`` (``None`` if missing or unreadable)."""
+        path = self.path(cfg)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if record.get("config") != dataclasses.asdict(cfg):
+            return None
+        return record
+
+    def put(self, cfg: RunConfig, record: dict[str, Any]) -> None:
+        """Store a record atomically (write to a temporary file, then rename)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".run.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1, allow_nan=False)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, self.path(cfg))
+
+    def run(self, cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+        """The cached record of ``cfg``, or train it and cache the result."""
+        record = self.get(cfg)
+        if record is not None:
+            self.hits += 1
+            return record
+        record = train(cfg, progress=progress)
+        self.trained += 1
+        self.put(cfg, record)
+        return record
+
+
+def _final_loss(record: dict[str, Any]) -> float:
+    loss = record["final"].get("eval_loss")
+    return math.inf if loss is None else float(loss)
+
+
+def run_sweep(
+    base: RunConfig,
+    lrs: dict[str, list[float]],
+    seeds: list[int],
+    cache: RunCache,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run every method of ``lrs`` (method -> learning rates) in two stages.
+
+    Stage 1 runs each learning rate with ``seeds[0]``; stage 2 runs ``seeds[1:]`` at each
+    method's best learning rate (lowest final eval loss in stage 1). ``base`` gives every other
+    setting. Returns ``(records, failures)``: a failing run is logged and reported as
+    ``{"config", "error", "traceback"}`` instead of stopping the sweep, except for a missing
+    model or data set (:class:`~riemannlora.assets.AssetNotFoundError`), which is raised.
+    """
+    from tqdm.auto import tqdm
+
+    if not seeds:
+        raise ValueError("at least one seed is needed")
+    total = sum(len(v) for v in lrs.values()) + len(lrs) * (len(seeds) - 1)
+    bar = tqdm(total=total, desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
+    records: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+
+    def one(cfg: RunConfig) -> dict[str, Any] | None:
+        bar.set_postfix_str(f"{cfg.method} lr={cfg.lr:.3g} seed={cfg.seed}")
+        try:
+            record = cache.run(cfg, progress=progress)
+        except AssetNotFoundError:
+            raise  # no run can work without the model or the data
+        except Exception as exc:  # keep the sweep going; the failure is reported
+            log(f"run {cfg.key()} failed: {type(exc).__name__}: {exc}")
+            failures.append(
+                {
+                    "config": dataclasses.asdict(cfg),
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc(limit=6),
+                }
+            )
+            record = None
+        else:
+            records.append(record)
+        bar.update(1)
+        return record
+
+    for method, method_lrs in lrs.items():
+        stage1 = [
+            one(dataclasses.replace(base, method=method, lr=lr, seed=seeds[0])) for lr in method_lrs
+        ]
+        done = [r for r in stage1 if r is not None]
+        if not done:
+            bar.update(len(seeds) - 1)
+            continue
+        best_lr = min(done, key=_final_loss)["config"]["lr"]
+        for seed in seeds[1:]:
+            one(dataclasses.replace(base, method=method, lr=best_lr, seed=seed))
+    bar.close()
+    return records, failures

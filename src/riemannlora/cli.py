@@ -1,0 +1,373 @@
+"""Command line: ``riemannlora bench`` (the benchmark) and ``riemannlora methods``.
+
+Run ``riemannlora bench --help`` for the flags, presets and method settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import math
+import os
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+PRESETS = ("default", "quick", "full")
+
+_BENCH_DESCRIPTION = """\
+Fine-tune a pretrained model with PEFT LoRA on a BIG-bench task with several optimizers (same
+data order, same seeds, one training loop, lr decayed linearly to 0, weight decay 0), then
+write OUT/results.json, OUT/results.md and PNG plots, and print the results table. Finished runs are cached in OUT/runs/ and reused, so an
+interrupted sweep resumes.
+
+Presets (explicit flags override them):
+  default  the main methods (adamw, scaled-adamw, riemannion, riemannion-loi where available),
+           each at its tuned default lr, seed 0; multiemo: 200 steps of batch 16 (MEASURED)
+  quick    the same methods, a few steps, small evals (a smoke run of 1-3 minutes)
+  full     every available method over its lr grid (7 lrs, 3 decades) at seed 0, then
+           seeds 1 and 2 at each method's best lr (the evidence for BENCHMARKS.md; 108 runs:
+           hours on a CPU, or use --device cuda)
+
+Sweep rule: each method runs all its lrs with the first seed; the other seeds run at the lr
+with the lowest final eval loss.
+"""
+
+
+def _bench_epilog() -> str:
+    from riemannlora.bench.methods import METHODS
+    from riemannlora.bench.workloads import WORKLOADS
+
+    lines = ["methods (default lr: classification / causal LM; weight decay 0 everywhere):"]
+    for m in METHODS.values():
+        cls, lm = m.default_lr["classification"], m.default_lr["causal"]
+        extra = "" if m.available() else "  [unavailable in this installation]"
+        text = f"{m.summary} (lr {cls:g} / {lm:g}){extra}"
+        lines.append(
+            textwrap.fill(text, 96, initial_indent=f"  {m.name:<17}", subsequent_indent=" " * 19)
+        )
+    lines.append("")
+    lines.append("tasks (default model; metric):")
+    for w in WORKLOADS.values():
+        lines.append(f"  {w.name:<9} {w.default_model}; eval loss + {w.metric}")
+    lines.append("")
+    lines.append(
+        "LoRA: every nn.Linear but the output head, alpha = 2 r, no dropout. Full method\n"
+        "settings: the docstring of riemannlora.bench.methods."
+    )
+    lines.append("")
+    lines.append("examples:")
+    lines.append("  riemannlora bench                                  # the default run")
+    lines.append("  riemannlora bench --quick --out /tmp/smoke")
+    lines.append("  riemannlora bench --preset full --out bench_full")
+    lines.append("  riemannlora bench --task e2e --methods adamw,riemannion --steps 100")
+    lines.append("  riemannlora bench --methods adamw --lrs 1e-4,1e-3,1e-2 --seeds 0,1,2")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``riemannlora``."""
+    from riemannlora.bench.workloads import WORKLOADS
+
+    parser = argparse.ArgumentParser(
+        prog="riemannlora",
+        description="Riemannian optimizers for LoRA: benchmark harness.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    bench = sub.add_parser(
+        "bench",
+        help="fine-tune with several optimizers and compare them",
+        description=_BENCH_DESCRIPTION,
+        epilog=_bench_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("--task", choices=list(WORKLOADS), default="multiemo", help="task")
+    bench.add_argument(
+        "--model",
+        help="hub id, local path or alias (minilm, smollm2); default: the task's model",
+    )
+    bench.add_argument("--methods", help="comma-separated methods (see below)")
+    bench.add_argument(
+        "--lrs",
+        help="comma-separated learning rates for every method, or 'grid' (each method's "
+        "7-point grid) or 'default' (each method's default lr)",
+    )
+    bench.add_argument("--seeds", help="comma-separated integer seeds (default: 0; full: 0,1,2)")
+    bench.add_argument("--steps", type=int, help="training steps per run")
+    bench.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    bench.add_argument("--batch-size", type=int, help="training batch size")
+    bench.add_argument("--eval-every", type=int, help="steps between eval-loss points")
+    bench.add_argument("--eval-size", type=int, help="eval examples of the eval-loss curve")
+    bench.add_argument(
+        "--final-eval-size",
+        type=int,
+        help="examples of the final metric (multiemo/mathqa) or prompts decoded (e2e)",
+    )
+    bench.add_argument("--max-new-tokens", type=int, help="e2e: greedy-decoding length")
+    bench.add_argument("--out", default="bench_out", help="output directory (./bench_out)")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device")
+    bench.add_argument("--preset", choices=PRESETS, help="default, quick or full (see above)")
+    bench.add_argument("--quick", action="store_true", help="same as --preset quick")
+    bench.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: the cores not busy at start, i.e. cpu count minus "
+        "the 1-minute load average, at least 1)",
+    )
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench.set_defaults(func=_bench, parser=bench)
+
+    methods = sub.add_parser(
+        "methods",
+        help="list the benchmark methods",
+        description="List the benchmark methods, their availability and default lrs.",
+    )
+    methods.set_defaults(func=_methods, parser=methods)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# argument parsing helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _split(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _parse_lrs(parser: argparse.ArgumentParser, text: str) -> list[float]:
+    values = []
+    for item in _split(text):
+        try:
+            lr = float(item)
+        except ValueError:
+            parser.error(f"--lrs: {item!r} is not a number")
+        if not math.isfinite(lr) or lr <= 0:
+            parser.error(f"--lrs: learning rates must be finite and > 0, got {item}")
+        values.append(lr)
+    if not values:
+        parser.error("--lrs: no learning rate given")
+    return values
+
+
+def _parse_seeds(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in _split(text)]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {text!r}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds needs distinct integers, got {text!r}")
+    return seeds
+
+
+def _check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("steps", "rank", "batch_size", "eval_every", "eval_size", "final_eval_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+
+
+def _free_cores() -> int:
+    """CPU cores not busy at start: ``os.cpu_count()`` minus the 1-minute load average, at
+    least 1 and at most torch's default. More threads than free cores make every OpenMP step
+    wait for preempted threads (several times slower on a shared machine)."""
+    import torch
+
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    free = round((os.cpu_count() or 1) - busy)
+    return max(1, min(torch.get_num_threads(), free))
+
+
+def _resolve_preset(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    if args.quick and args.preset not in (None, "quick"):
+        parser.error(f"--quick conflicts with --preset {args.preset}")
+    return "quick" if args.quick else (args.preset or "default")
+
+
+def _resolve_methods(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, preset: str
+) -> tuple[list[str], dict[str, str]]:
+    """(methods to run, skipped method -> reason)."""
+    from riemannlora.bench.methods import MAIN_METHODS, METHODS, get_method
+
+    if args.methods:
+        names = [n.lower() for n in _split(args.methods)]
+        if not names:
+            parser.error("--methods: no method given")
+        for name in names:
+            try:
+                get_method(name)
+            except ValueError as exc:
+                parser.error(f"--methods: {exc}")
+        if len(set(names)) != len(names):
+            parser.error(f"--methods lists a method twice: {args.methods!r}")
+        return names, {}
+    wanted = list(METHODS) if preset == "full" else list(MAIN_METHODS)
+    skipped = {
+        n: "needs riemannlora." + ", riemannlora.".join(METHODS[n].requires)
+        for n in wanted
+        if not METHODS[n].available()
+    }
+    return [n for n in wanted if n not in skipped], skipped
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Plan:
+    """A resolved ``bench`` invocation."""
+
+    preset: str
+    base: Any  # RunConfig: every setting but method, lr and seed
+    lrs: dict[str, list[float]]
+    seeds: list[int]
+    skipped: dict[str, str]
+
+
+def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
+    """Turn flags and preset into runs; every bad flag ends here with ``parser.error``."""
+    import torch
+
+    from riemannlora.assets import canonical_model_id
+    from riemannlora.bench.methods import METHODS, lr_grid
+    from riemannlora.bench.runner import RunConfig
+    from riemannlora.bench.workloads import WORKLOADS
+
+    _check_positive(parser, args)
+    preset = _resolve_preset(parser, args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available in this torch build / machine")
+    workload = WORKLOADS[args.task]
+    methods, skipped = _resolve_methods(parser, args, preset)
+    if args.seeds:
+        seeds = _parse_seeds(parser, args.seeds)
+    else:
+        seeds = [0, 1, 2] if preset == "full" else [0]
+    lr_mode = (args.lrs or ("grid" if preset == "full" else "default")).strip().lower()
+    if lr_mode == "grid":
+        lrs = {m: lr_grid(METHODS[m].lr_for(workload.kind)) for m in methods}
+    elif lr_mode == "default":
+        lrs = {m: [METHODS[m].lr_for(workload.kind)] for m in methods}
+    else:
+        values = _parse_lrs(parser, lr_mode)
+        lrs = {m: list(values) for m in methods}
+
+    sizes = workload.settings(preset)
+    for name in (*sizes, "rank"):
+        if getattr(args, name, None) is not None:
+            sizes[name] = getattr(args, name)
+    base = RunConfig(
+        task=workload.name,
+        model=canonical_model_id(args.model or workload.default_model),
+        method=methods[0],
+        lr=lrs[methods[0]][0],
+        seed=seeds[0],
+        device=args.device,
+        **sizes,
+    )
+    return _Plan(preset, base, lrs, seeds, skipped)
+
+
+def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import torch
+
+    from riemannlora.assets import AssetNotFoundError
+    from riemannlora.bench.report import write_report
+    from riemannlora.bench.runner import BENCH_VERSION, RunCache, quiet_libraries, run_sweep
+    from riemannlora.bench.summary import summarize
+    from riemannlora.bench.workloads import WORKLOADS
+
+    start = time.perf_counter()
+    plan = _plan(parser, args)
+    base = plan.base
+    threads = args.threads or (_free_cores() if base.device == "cpu" else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    quiet_libraries()
+    print(
+        f"riemannlora bench: task {base.task}, model {base.model}, preset {plan.preset}, "
+        f"methods {', '.join(plan.lrs)}, seeds {plan.seeds}, {base.steps} steps, "
+        f"out {args.out}",
+        flush=True,
+    )
+    for name, reason in plan.skipped.items():
+        print(f"  skipping {name}: {reason}", flush=True)
+
+    cache = RunCache(args.out)
+    try:
+        records, failures = run_sweep(
+            base,
+            plan.lrs,
+            plan.seeds,
+            cache,
+            progress=not args.no_progress,
+            log=lambda s: print(s, file=sys.stderr),
+        )
+    except AssetNotFoundError as exc:
+        print(f"riemannlora bench: error: {exc}", file=sys.stderr)
+        return 2
+    metrics = ["accuracy"] if WORKLOADS[base.task].metric == "accuracy" else ["bleu", "rouge_l"]
+    results = {
+        "bench_version": BENCH_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "task": base.task,
+        "model": base.model,
+        "preset": plan.preset,
+        "settings": {
+            k: v for k, v in dataclasses.asdict(base).items() if k not in ("method", "lr", "seed")
+        },
+        "methods": list(plan.lrs),
+        "lrs": plan.lrs,
+        "seeds": plan.seeds,
+        "metrics": metrics,
+        "reference": "adamw",
+        "memory_kind": records[0]["memory_kind"] if records else None,
+        "summary": summarize(records, metrics),
+        "runs": records,
+        "failures": failures,
+        "skipped_methods": plan.skipped,
+        "cache": {"hits": cache.hits, "trained": cache.trained},
+        "threads": torch.get_num_threads(),
+        "wall_s": time.perf_counter() - start,
+    }
+    title = f"riemannlora bench: {base.task} / {base.model} ({plan.preset})"
+    table = write_report(args.out, results, title)
+    print(f"\n{table}\n")
+    print(
+        f"{len(records)} run(s) ({cache.trained} trained, {cache.hits} from cache), "
+        f"{len(failures)} failed, {results['wall_s']:.0f} s. Results: "
+        f"{os.path.join(args.out, 'results.json')}, results.md and PNG plots."
+    )
+    return 0 if records and not failures else 1
+
+
+def _methods(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    print(_bench_epilog())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``riemannlora`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args.parser, args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""The benchmark harness: method registry, summaries, report, sweep logic, CLI, real runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from riemannlora import cli
+from riemannlora.bench.methods import (
+    MAIN_METHODS,
+    METHODS,
+    MethodContext,
+    available_methods,
+    get_method,
+    lr_grid,
+)
+from riemannlora.bench.report import PLOTS, format_table, write_report
+from riemannlora.bench.runner import RunConfig, run_sweep
+from riemannlora.bench.summary import lr_band_decades, steps_to_reach, summarize
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------
+# method registry on a tiny PEFT model
+# --------------------------------------------------------------------------------------------
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 24)
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_every_method_builds_and_steps(name):
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+    ctx = MethodContext(
+        compute_loss=lambda m: F.cross_entropy(m(x), y),
+        adamw_lr=1e-3,
+        seed=0,
+    )
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"], modules_to_save=["head"])
+    method = get_method(name)
+    model = method.initialize(Tiny(), config, ctx)
+    optimizer = method.build(model, method.lr_for("classification"), ctx)
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable
+    for _ in range(2):
+        loss = ctx.compute_loss(model)
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = dict(model.named_parameters())
+    changed = [n for n, p in trainable.items() if not torch.equal(p, after[n].detach())]
+    assert any("lora" in n for n in changed), changed
+    assert any("head" in n for n in changed), changed
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_registry_lists_required_methods():
+    required = {
+        "sgd", "adamw", "loraplus", "peft-riemannian", "muon", "scaled-sgd", "scaled-adamw",
+        "riemannian-sgd", "riemannion", "riemannion-loi", "pissa", "lora-ga",
+    }  # fmt: skip
+    assert required == set(METHODS)
+    assert set(MAIN_METHODS) <= set(METHODS)
+    for m in METHODS.values():
+        assert m.summary
+        for kind in ("classification", "causal"):
+            grid = lr_grid(m.lr_for(kind))
+            assert len(grid) == 7 and grid == sorted(grid)
+            assert math.log10(grid[-1] / grid[0]) >= 3 - 1e-9
+
+
+def test_get_method_errors():
+    with pytest.raises(ValueError, match=r"unknown method 'nope'.*adamw"):
+        get_method("nope")
+    with pytest.raises(ValueError, match="> 0"):
+        lr_grid(0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# summaries and report on synthetic records
+# --------------------------------------------------------------------------------------------
+
+
+def _record(method: str, lr: float, seed: int, final: float | None, acc: float = 0.5) -> dict:
+    cfg = RunConfig(
+        task="multiemo", model="m", method=method, lr=lr, seed=seed, steps=100, rank=8,
+        batch_size=4, eval_every=50, eval_size=8, final_eval_size=8, max_length=16,
+        max_new_tokens=0,
+    )  # fmt: skip
+    curve = [[0, 1.4], [50, None if final is None else (1.4 + final) / 2], [100, final]]
+    return {
+        "key": cfg.key(),
+        "config": dataclasses.asdict(cfg),
+        "final": {"eval_loss": final, "accuracy": None if final is None else acc},
+        "eval_loss": curve,
+        "train_loss": [1.0],
+        "diverged": final is None,
+        "time_per_step_s": 0.2,
+        "opt_step_s": 0.01,
+        "init_s": 0.1,
+        "peak_mem_mb": 10.0,
+        "wall_s": 5.0,
+    }
+
+
+def test_lr_band_and_steps_to_reach():
+    # best 1.0 at 1e-3; 1e-5 (1.01), 1e-4 (1.04) and 1e-2 (1.05) are within 5 %, 1e-1 is not
+    band = lr_band_decades({1e-4: 1.04, 1e-3: 1.0, 1e-2: 1.05, 1e-1: 1.2, 1e-5: 1.01})
+    assert band == pytest.approx(3.0)
+    assert lr_band_decades({1e-3: 1.0}) is None
+    assert lr_band_decades({1e-3: math.inf, 1e-2: math.inf}) is None
+    assert lr_band_decades({1e-3: 1.0, 1e-2: math.inf}) == 0.0
+    curve = [[0, 2.0], [10, None], [20, 1.0], [30, 0.5]]
+    assert steps_to_reach(curve, 1.0) == 20
+    assert steps_to_reach(curve, 0.1) is None
+
+
+def test_lr_band_is_contiguous():
+    assert lr_band_decades({1e-4: 1.0, 1e-3: 2.0, 1e-2: 1.01}) == 0.0
+
+
+def test_summarize():
+    records = [
+        _record("adamw", 1e-3, 0, 1.0, 0.6),
+        _record("adamw", 1e-2, 0, 1.2),
+        _record("adamw", 1e-3, 1, 1.1, 0.7),
+        _record("riemannion", 1e-3, 0, 0.9, 0.8),
+        _record("riemannion", 1e-1, 0, None),
+    ]
+    s = summarize(records, ["accuracy"])
+    assert list(s) == ["adamw", "riemannion"]
+    a, r = s["adamw"], s["riemannion"]
+    assert a["best_lr"] == 1e-3 and a["seeds"] == [0, 1]
+    assert a["eval_loss_mean"] == pytest.approx(1.05)
+    assert a["eval_loss_std"] == pytest.approx(math.sqrt(0.005))
+    assert a["accuracy_mean"] == pytest.approx(0.65)
+    assert r["eval_loss_std"] is None and r["diverged_runs"] == 1
+    assert r["final_eval_loss_by_lr"] == {"0.001": 0.9, "0.1": None}
+    # target 1.05: riemannion's curve (1.4, 1.15, 0.9) reaches it at step 100; of adamw's two
+    # seeds one never does, so the median (mean of 100 and "never") is "never"
+    assert r["steps_to_reference"] == 100 and a["steps_to_reference"] is None
+    table = format_table(s, ["accuracy"], steps=100)
+    assert "| riemannion | 0.001 | 0.9000 | 0.8000 | 100 |" in table
+    json.dumps(s, allow_nan=False)
+
+
+def test_write_report(tmp_path):
+    records = [_record("adamw", lr, 0, 1.0 + abs(math.log10(lr) + 3) / 10) for lr in (1e-4, 1e-3)]
+    summary = summarize(records, ["accuracy"])
+    results = {
+        "summary": summary,
+        "runs": records,
+        "metrics": ["accuracy"],
+        "settings": {"steps": 100},
+    }
+    table = write_report(tmp_path, results, "test")
+    assert "adamw" in table
+    assert (
+        json.loads((tmp_path / "results.json").read_text())["summary"]["adamw"]["best_lr"] == 1e-3
+    )
+    assert table in (tmp_path / "results.md").read_text()
+    _check_pngs(tmp_path)
+
+
+def _check_pngs(out: pathlib.Path) -> None:
+    import matplotlib.image
+
+    for name in PLOTS:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_SIGNATURE, name
+        image = matplotlib.image.imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+# --------------------------------------------------------------------------------------------
+# sweep logic with a stand-in cache
+# --------------------------------------------------------------------------------------------
+
+
+class FakeCache:
+    def __init__(self) -> None:
+        self.calls: list[RunConfig] = []
+
+    def run(self, cfg: RunConfig, progress: bool = True) -> dict:
+        self.calls.append(cfg)
+        if cfg.method == "sgd":
+            raise RuntimeError("boom")
+        loss = 1.0 + (math.log10(cfg.lr) + 3) ** 2 + 0.01 * cfg.seed
+        return _record(cfg.method, cfg.lr, cfg.seed, loss)
+
+
+def test_run_sweep_two_stages_and_failures():
+    base = RunConfig(**_record("adamw", 1.0, 0, 1.0)["config"])
+    cache = FakeCache()
+    logs: list[str] = []
+    records, failures = run_sweep(
+        base,
+        {"adamw": [1e-4, 1e-3, 1e-2], "sgd": [0.1]},
+        [0, 1, 2],
+        cache,  # type: ignore[arg-type]
+        progress=False,
+        log=logs.append,
+    )
+    runs = [(c.method, c.lr, c.seed) for c in cache.calls]
+    assert runs == [
+        ("adamw", 1e-4, 0), ("adamw", 1e-3, 0), ("adamw", 1e-2, 0),
+        ("adamw", 1e-3, 1), ("adamw", 1e-3, 2), ("sgd", 0.1, 0),
+    ]  # fmt: skip
+    assert len(records) == 5
+    assert len(failures) == 1 and "boom" in failures[0]["error"]
+    assert logs and "boom" in logs[0]
+
+
+def test_run_config_validation_and_key():
+    cfg = RunConfig(**_record("adamw", 1e-3, 0, 1.0)["config"])
+    assert cfg.key() == RunConfig(**dataclasses.asdict(cfg)).key()
+    assert cfg.key() != dataclasses.replace(cfg, steps=101).key()
+    assert cfg.key().startswith("multiemo_adamw_lr0.001_s0_")
+    with pytest.raises(ValueError, match="lr must be"):
+        dataclasses.replace(cfg, lr=0.0)
+    with pytest.raises(ValueError, match="unknown method"):
+        dataclasses.replace(cfg, method="nope")
+    with pytest.raises(ValueError, match="unknown task"):
+        dataclasses.replace(cfg, task="nope")
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--methods", "adamw,nope"], "unknown method 'nope'"),
+        (["--lrs", "0"], "> 0"),
+        (["--lrs=-1e-3"], "> 0"),
+        (["--lrs", "abc"], "not a number"),
+        (["--task", "nope"], "invalid choice"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--seeds", "0,x"], "--seeds"),
+        (["--quick", "--preset", "full"], "conflicts"),
+        (["--methods", "adamw,adamw"], "twice"),
+    ],
+)
+def test_cli_rejects_bad_flags(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--out", str(tmp_path), *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def _plan(*argv: str):
+    parser = cli.build_parser()
+    args = parser.parse_args(["bench", *argv])
+    return cli._plan(args.parser, args)
+
+
+def test_cli_presets_plan_the_runs():
+    default = _plan()
+    assert list(default.lrs) == [m for m in MAIN_METHODS if m in available_methods()]
+    assert all(len(v) == 1 for v in default.lrs.values()) and default.seeds == [0]
+    assert default.base.task == "multiemo" and default.base.steps == 200
+    assert default.base.model == "sentence-transformers/all-MiniLM-L6-v2"
+
+    full = _plan("--preset", "full")
+    assert list(full.lrs) == available_methods() and full.seeds == [0, 1, 2]
+    for name, lrs in full.lrs.items():
+        assert lrs == lr_grid(METHODS[name].lr_for("classification"))
+
+    quick = _plan("--quick", "--task", "e2e", "--steps", "7", "--lrs", "1e-4,1e-3")
+    assert quick.preset == "quick" and quick.base.steps == 7 and quick.base.task == "e2e"
+    assert quick.base.model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert all(v == [1e-4, 1e-3] for v in quick.lrs.values())
+    grid = lr_grid(METHODS["adamw"].lr_for("classification"))
+    assert _plan("--lrs", "grid", "--methods", "adamw").lrs == {"adamw": grid}
+
+
+def test_cli_help_lists_methods(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for name in METHODS:
+        assert name in text
+    for flag in ("--task", "--lrs", "--preset", "--quick", "--threads", "--device", "--out"):
+        assert flag in text
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert cli.main(["methods"]) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# real models, real data
+# --------------------------------------------------------------------------------------------
+
+
+def _finite_numbers(obj: object) -> None:
+    if isinstance(obj, float):
+        assert math.isfinite(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _finite_numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            _finite_numbers(v)
+
+
+@pytest.mark.slow
+def test_bench_multiemo_end_to_end_and_cache(tmp_path, capsys):
+    torch.set_num_threads(2)
+    second = "riemannion" if "riemannion" in available_methods() else "scaled-adamw"
+    argv = [
+        "bench", "--task", "multiemo", "--model", "minilm", "--methods", f"adamw,{second}",
+        "--steps", "3", "--eval-every", "2", "--eval-size", "16", "--final-eval-size", "32",
+        "--batch-size", "8", "--out", str(tmp_path), "--no-progress", "--threads", "2",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| adamw |" in out and f"| {second} |" in out
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    for key in ("task", "model", "preset", "settings", "summary", "runs", "failures", "cache"):
+        assert key in results
+    assert results["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert results["cache"] == {"hits": 0, "trained": 2}
+    assert results["failures"] == []
+    assert set(results["summary"]) == {"adamw", second}
+    for s in results["summary"].values():
+        for key in ("best_lr", "eval_loss_mean", "accuracy_mean", "time_per_step_s",
+                    "opt_step_s", "peak_mem_mb", "lr_band_decades", "steps_to_reference"):  # fmt: skip
+            assert key in s
+        assert 0.0 <= s["accuracy_mean"] <= 1.0
+        assert s["time_per_step_s"] > 0 and s["peak_mem_mb"] >= 0
+    for run in results["runs"]:
+        assert [p[0] for p in run["eval_loss"]] == [0, 2, 3]
+        assert len(run["train_loss"]) == 3 and run["steps_done"] == 3
+        assert run["final"]["eval_loss"] == run["eval_loss"][-1][1]
+        assert (tmp_path / "runs" / f"{run['key']}.json").is_file()
+    _finite_numbers(results)
+    _check_pngs(tmp_path)
+    assert "| adamw |" in (tmp_path / "results.md").read_text()
+
+    # second invocation: every run comes from the cache, nothing is trained again
+    assert cli.main(argv) == 0
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["cache"] == {"hits": 2, "trained": 0}
+    assert again["summary"] == results["summary"]
+
+
+@pytest.mark.slow
+def test_bench_e2e_smollm2_bleu_rouge(tmp_path):
+    torch.set_num_threads(2)
+    argv = [
+        "bench", "--task", "e2e", "--model", "smollm2", "--methods", "adamw",
+        "--steps", "2", "--eval-every", "1", "--eval-size", "4", "--batch-size", "2",
+        "--final-eval-size", "2", "--max-new-tokens", "6", "--out", str(tmp_path),
+        "--no-progress",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    (run,) = results["runs"]
+    final = run["final"]
+    assert 0.0 <= final["bleu"] <= 100.0 and 0.0 <= final["rouge_l"] <= 1.0
+    assert len(final["samples"]) == 2 and all(
+        isinstance(s["output"], str) for s in final["samples"]
+    )
+    assert results["metrics"] == ["bleu", "rouge_l"]
+    assert results["summary"]["adamw"]["bleu_mean"] == final["bleu"]
+    assert [p[0] for p in run["eval_loss"]] == [0, 1, 2]
+    _finite_numbers(results)
