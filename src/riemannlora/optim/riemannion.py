@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.adam import adam
 
 from riemannlora.geometry import (
     _cast,
@@ -55,6 +54,7 @@ from riemannlora.geometry import (
     transport,
 )
 from riemannlora.manifold import ManifoldLayer, group_indices, to_manifold
+from riemannlora.optim.functional import adamw_from_group
 from riemannlora.optim.scaled import _check_number
 
 __all__ = ["SCALE_LR_CHOICES", "RiemannianSGD", "Riemannion", "lr_multiplier", "manifold_step"]
@@ -617,27 +617,8 @@ class _ManifoldOptimizer(torch.optim.Optimizer):
         )
         if not params:
             return
-        beta1, beta2 = group["betas"]
-        adam(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            max_exp_avg_sqs,
-            steps,
-            amsgrad=group["amsgrad"],
-            has_complex=has_complex,
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=group["maximize"],
-            foreach=group["foreach"],
-            capturable=group["capturable"],
-            differentiable=group["differentiable"],
-            fused=group["fused"],
-            decoupled_weight_decay=True,
+        adamw_from_group(
+            group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, has_complex
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.adam import adam
 from torch.optim.sgd import sgd
 
 from riemannlora.distributed import local, precondition_local, wrap_like
+from riemannlora.optim.functional import adamw_from_group
 from riemannlora.optim.guard import NonFiniteGuard
 from riemannlora.optim.validation import (
     check_group_hyperparameters,
@@ -293,26 +293,8 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
                 params, grads, exp_avgs, exp_avg_sqs, steps, beta1, beta2, group
             )
             return
-        adam(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            max_exp_avg_sqs,
-            steps,
-            amsgrad=group["amsgrad"],
-            has_complex=has_complex,
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=group["maximize"],
-            foreach=group["foreach"],
-            capturable=group["capturable"],
-            differentiable=group["differentiable"],
-            fused=group["fused"],
-            decoupled_weight_decay=True,
+        adamw_from_group(
+            group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, has_complex
         )
 
 
