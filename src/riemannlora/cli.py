@@ -28,7 +28,9 @@ interrupted sweep resumes.
 
 Presets (explicit flags override them):
   default  the main methods (adamw, scaled-adamw, riemannion, riemannion-loi where available),
-           each at its tuned default lr, seed 0; multiemo: 200 steps of batch 16 (MEASURED)
+           each at its tuned default lr, seed 0. multiemo: 200 steps of batch 16, about 12
+           minutes on 2 shared CPU cores; e2e / mathqa: 150 steps of batch 8 with SmolLM2,
+           about 3 s a step on 2 idle cores, so 8-10 minutes per method
   quick    the same methods, a few steps, small evals (a smoke run of 1-3 minutes)
   full     every available method over its lr grid (7 lrs, 3 decades) at seed 0, then
            seeds 1 and 2 at each method's best lr (the evidence for BENCHMARKS.md; 108 runs:
@@ -303,7 +305,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     print(
         f"riemannlora bench: task {base.task}, model {base.model}, preset {plan.preset}, "
         f"methods {', '.join(plan.lrs)}, seeds {plan.seeds}, {base.steps} steps, "
-        f"out {args.out}",
+        f"{torch.get_num_threads()} thread(s), out {args.out}",
         flush=True,
     )
     for name, reason in plan.skipped.items():

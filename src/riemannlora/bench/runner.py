@@ -63,7 +63,11 @@ BENCH_VERSION = 1
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that determines one training run (all of it goes into the cache key)."""
+    """Everything that determines one training run (all of it goes into the cache key).
+
+    The number of CPU threads is not part of it: it changes timings, not results, so a cached
+    run is reused whatever ``--threads`` was (each record keeps its own in ``env``).
+    """
 
     task: str
     model: str
