@@ -23,8 +23,8 @@ PRESETS = ("default", "quick", "full")
 _BENCH_DESCRIPTION = """\
 Fine-tune a pretrained model with PEFT LoRA on a BIG-bench task with several optimizers (same
 data order, same seeds, one training loop, lr decayed linearly to 0, weight decay 0), then
-write OUT/results.json, OUT/results.md and PNG plots, and print the results table. Finished runs are cached in OUT/runs/ and reused, so an
-interrupted sweep resumes.
+write OUT/results.json, OUT/results.md and PNG plots, and print the results table. Finished
+runs are cached in OUT/runs/ and reused, so an interrupted sweep resumes.
 
 Presets (explicit flags override them):
   default  the main methods (adamw, scaled-adamw, riemannion, riemannion-loi where available),
