@@ -1,4 +1,5 @@
-"""Command line: ``riemannlora bench`` (the benchmark) and ``riemannlora methods``.
+"""Command line: ``riemannlora bench`` (the benchmark), ``riemannlora methods`` and
+``riemannlora pretrain-diffusion`` (builds the small diffusion model of ``--task diffusion``).
 
 Run ``riemannlora bench --help`` for the flags, presets and method settings.
 """
@@ -21,7 +22,7 @@ __all__ = ["build_parser", "main"]
 PRESETS = ("default", "quick", "full")
 
 _BENCH_DESCRIPTION = """\
-Fine-tune a pretrained model with PEFT LoRA on a BIG-bench task with several optimizers (same
+Fine-tune a pretrained model with PEFT LoRA on a task with several optimizers (same
 data order, same seeds, one training loop, lr decayed linearly to 0, weight decay 0), then
 write OUT/results.json, OUT/results.md and PNG plots, and print the results table. Finished
 runs are cached in OUT/runs/ and reused, so an interrupted sweep resumes.
@@ -30,7 +31,9 @@ Presets (explicit flags override them):
   default  the main methods (adamw, scaled-adamw, riemannion, riemannion-loi where available),
            each at its tuned default lr, seed 0. multiemo: 200 steps of batch 16, about 12
            minutes on 2 shared CPU cores; e2e / mathqa: 150 steps of batch 8 with SmolLM2,
-           about 3 s a step on 2 idle cores, so 8-10 minutes per method
+           about 3 s a step on 2 idle cores, so 8-10 minutes per method; diffusion: 150
+           steps of DreamBooth-style subject learning on the small digit diffusion model
+           (built once, about 20 minutes; see `riemannlora pretrain-diffusion`)
   quick    the same methods, a few steps, small evals (a smoke run of 1-3 minutes)
   full     every available method over its lr grid (7 lrs, 3 decades) at seed 0, then
            seeds 1 and 2 at each method's best lr (the evidence for BENCHMARKS.md; 108 runs:
@@ -45,22 +48,28 @@ def _bench_epilog() -> str:
     from riemannlora.bench.methods import METHODS
     from riemannlora.bench.workloads import WORKLOADS
 
-    lines = ["methods (default lr: classification / causal LM; weight decay 0 everywhere):"]
+    lines = [
+        "methods (default lr: classification / causal LM / diffusion; weight decay 0 everywhere):"
+    ]
     for m in METHODS.values():
-        cls, lm = m.default_lr["classification"], m.default_lr["causal"]
+        lr = m.default_lr
         extra = "" if m.available() else "  [unavailable in this installation]"
-        text = f"{m.summary} (lr {cls:g} / {lm:g}){extra}"
+        text = (
+            f"{m.summary} (lr {lr['classification']:g} / {lr['causal']:g} / "
+            f"{lr['diffusion']:g}){extra}"
+        )
         lines.append(
             textwrap.fill(text, 96, initial_indent=f"  {m.name:<17}", subsequent_indent=" " * 19)
         )
     lines.append("")
     lines.append("tasks (default model; metric):")
     for w in WORKLOADS.values():
-        lines.append(f"  {w.name:<9} {w.default_model}; eval loss + {w.metric}")
+        lines.append(f"  {w.name:<9} {w.default_model}; eval loss + {', '.join(w.table_metrics())}")
     lines.append("")
     lines.append(
-        "LoRA: every nn.Linear but the output head, alpha = 2 r, no dropout. Full method\n"
-        "settings: the docstring of riemannlora.bench.methods."
+        "LoRA: every nn.Linear but the output head (diffusion: to_q, to_k, to_v, to_out.0),\n"
+        "alpha = 2 r, no dropout. Full method settings: the docstring of\n"
+        "riemannlora.bench.methods."
     )
     lines.append("")
     lines.append("examples:")
@@ -69,6 +78,7 @@ def _bench_epilog() -> str:
     lines.append("  riemannlora bench --preset full --out bench_full")
     lines.append("  riemannlora bench --task e2e --methods adamw,riemannion --steps 100")
     lines.append("  riemannlora bench --methods adamw --lrs 1e-4,1e-3,1e-2 --seeds 0,1,2")
+    lines.append("  riemannlora bench --task diffusion --lrs grid --out bench_diffusion")
     return "\n".join(lines)
 
 
@@ -131,6 +141,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the benchmark methods, their availability and default lrs.",
     )
     methods.set_defaults(func=_methods, parser=methods)
+
+    from riemannlora.diffusion import PRETRAIN_CONFIGS
+
+    pretrain = sub.add_parser(
+        "pretrain-diffusion",
+        help="build (once) the small text-to-image diffusion model of --task diffusion",
+        description=(
+            "Pretrain the small MNIST-digit text-to-image diffusion model (diffusers "
+            "UNet2DConditionModel, MiniLM captions, one class held out) and its digit "
+            "classifier, and cache them; `riemannlora bench --task diffusion` does this on "
+            "first use. See riemannlora.diffusion."
+        ),
+    )
+    pretrain.add_argument(
+        "--model",
+        choices=list(PRETRAIN_CONFIGS),
+        default=next(iter(PRETRAIN_CONFIGS)),
+        help="which configuration (default: the benchmark model)",
+    )
+    pretrain.add_argument("--force", action="store_true", help="rebuild even if cached")
+    pretrain.add_argument("--threads", type=int, help="torch CPU threads")
+    pretrain.set_defaults(func=_pretrain_diffusion, parser=pretrain)
     return parser
 
 
@@ -276,7 +308,7 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
             sizes[name] = getattr(args, name)
     base = RunConfig(
         task=workload.name,
-        model=canonical_model_id(args.model or workload.default_model),
+        model=canonical_model_id(args.model or workload.model_for(preset)),
         method=methods[0],
         lr=lrs[methods[0]][0],
         seed=seeds[0],
@@ -324,7 +356,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except AssetNotFoundError as exc:
         print(f"riemannlora bench: error: {exc}", file=sys.stderr)
         return 2
-    metrics = ["accuracy"] if WORKLOADS[base.task].metric == "accuracy" else ["bleu", "rouge_l"]
+    metrics = WORKLOADS[base.task].table_metrics()
     results = {
         "bench_version": BENCH_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -361,6 +393,35 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def _methods(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     print(_bench_epilog())
+    return 0
+
+
+def _pretrain_diffusion(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import shutil
+
+    import torch
+
+    from riemannlora.bench.runner import quiet_libraries
+    from riemannlora.diffusion import pretrained, pretrained_dir
+
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    else:
+        torch.set_num_threads(_free_cores())
+    quiet_libraries()
+    path = pretrained_dir(args.model)
+    if args.force and path.exists():
+        shutil.rmtree(path)
+    base = pretrained(args.model)
+    meta = base.meta
+    print(f"{args.model}: {base.path}")
+    print(
+        f"  built in {meta['total_s']:.0f} s ({meta['threads']} threads); classifier test "
+        f"accuracy {meta['classifier_test_accuracy']:.3f}; known-class sample accuracy "
+        f"{meta['known_class_accuracy']:.3f}; held-out class {base.config.subject}"
+    )
     return 0
 
 

@@ -267,8 +267,17 @@ class Method:
         return INITS[self.init](base, config, ctx)
 
 
-def _m(name: str, summary: str, build: Callable, cls_lr: float, lm_lr: float, **kw: Any) -> Method:
-    return Method(name, summary, build, {"classification": cls_lr, "causal": lm_lr}, **kw)
+def _m(
+    name: str,
+    summary: str,
+    build: Callable,
+    cls_lr: float,
+    lm_lr: float,
+    diff_lr: float | None = None,
+    **kw: Any,
+) -> Method:
+    lrs = {"classification": cls_lr, "causal": lm_lr, "diffusion": diff_lr or cls_lr}
+    return Method(name, summary, build, lrs, **kw)
 
 
 _ADAM = "betas (0.9, 0.999), eps 1e-8"

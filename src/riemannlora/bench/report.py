@@ -8,11 +8,18 @@ Files written by :func:`write_report` into the output directory:
 * ``eval_loss_curves.png`` -- eval loss vs step per method at its best learning rate (mean over
   seeds, band: min-max over seeds);
 * ``lr_sweep.png`` -- final eval loss vs learning rate per method (log x; diverged runs left out);
-* ``time_per_step.png`` -- median seconds per training step per method, optimizer step shaded.
+* ``time_per_step.png`` -- median seconds per training step per method, optimizer step shaded;
+* for runs that generate images (``diffusion``): ``samples/<run key>.png``, each run's sample
+  grid, and ``samples.png``, the grids of the first seed side by side (rows: methods, columns:
+  learning rates). ``results.json`` then names each run's grid file (``final.samples_png``)
+  instead of carrying the image.
 """
 
 from __future__ import annotations
 
+import base64
+import copy
+import io
 import json
 import os
 import pathlib
@@ -25,7 +32,13 @@ __all__ = ["PLOTS", "format_table", "write_report"]
 #: File names of the plots.
 PLOTS = ("eval_loss_curves.png", "lr_sweep.png", "time_per_step.png")
 
-_METRIC_LABELS = {"accuracy": "accuracy", "bleu": "BLEU", "rouge_l": "ROUGE-L"}
+_METRIC_LABELS = {
+    "accuracy": "accuracy",
+    "bleu": "BLEU",
+    "rouge_l": "ROUGE-L",
+    "subject_accuracy": "subject acc.",
+    "retained_accuracy": "retained acc.",
+}
 
 
 def _pm(mean: float | None, std: float | None, digits: int) -> str:
@@ -90,13 +103,19 @@ def _format_sweep(summary: dict[str, dict[str, Any]]) -> str:
     ``""`` when no method ran more than one learning rate."""
     if all(len(s["final_eval_loss_by_lr"]) < 2 for s in summary.values()):
         return ""
-    lines = ["", "## Final eval loss by learning rate (first seed)", ""]
+    lines = ["", "## Final eval loss (and metrics) by learning rate (first seed)", ""]
     for method, s in summary.items():
-        cells = [
-            f"{float(lr):.3g}: " + ("diverged" if v is None else f"{v:.4f}")
-            for lr, v in s["final_eval_loss_by_lr"].items()
-        ]
-        lines.append(f"- **{method}**: " + ", ".join(cells))
+        cells = []
+        for lr, v in s["final_eval_loss_by_lr"].items():
+            text = f"{float(lr):.3g}: " + ("diverged" if v is None else f"{v:.4f}")
+            metrics = s.get("metrics_by_lr", {}).get(lr, {})
+            extra = [
+                f"{_METRIC_LABELS.get(k, k)} {m:.3g}"
+                for k, m in metrics.items()
+                if isinstance(m, int | float)
+            ]
+            cells.append(text + (f" ({', '.join(extra)})" if extra else ""))
+        lines.append(f"- **{method}**: " + "; ".join(cells))
     return "\n".join(lines) + "\n"
 
 
@@ -179,6 +198,66 @@ def write_plots(out: pathlib.Path, records: list[dict[str, Any]], summary: dict[
         plt.close(fig)
 
 
+def write_samples(out: pathlib.Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Write the sample grids of the runs (see the module docstring); return ``results`` with
+    each ``final.grid_png`` replaced by ``final.samples_png`` (a path relative to ``out``)."""
+    runs = [r for r in results["runs"] if isinstance(r.get("final", {}).get("grid_png"), str)]
+    if not runs:
+        return results
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    results = copy.deepcopy(results)
+    (out / "samples").mkdir(exist_ok=True)
+    images: dict[tuple[str, float], Any] = {}
+    seed0 = min(r["config"]["seed"] for r in runs)
+    for record in results["runs"]:
+        final = record.get("final", {})
+        data = final.pop("grid_png", None)
+        if not isinstance(data, str):
+            continue
+        png = base64.b64decode(data)
+        rel = f"samples/{record['key']}.png"
+        with open(out / rel, "wb") as f:
+            f.write(png)
+        final["samples_png"] = rel
+        if record["config"]["seed"] == seed0:
+            key = (record["config"]["method"], float(record["config"]["lr"]))
+            images[key] = Image.open(io.BytesIO(png)).convert("L")
+    methods = list(dict.fromkeys(m for m, _ in images))
+    lrs = sorted({lr for _, lr in images})
+    fig, axes = plt.subplots(
+        len(methods),
+        len(lrs),
+        figsize=(1.9 * len(lrs) + 0.6, 1.0 * len(methods) + 0.6),
+        dpi=120,
+        squeeze=False,
+    )
+    for i, method in enumerate(methods):
+        for j, lr in enumerate(lrs):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if (method, lr) in images:
+                ax.imshow(images[(method, lr)], cmap="gray", vmin=0, vmax=255)
+            else:
+                ax.set_facecolor("0.9")
+            if i == 0:
+                ax.set_title(f"lr {lr:.3g}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(method, fontsize=8)
+    fig.suptitle(
+        "top rows: subject prompt; last row: known classes", fontsize=8
+    )
+    fig.tight_layout()
+    fig.savefig(out / "samples.png")
+    plt.close(fig)
+    return results
+
+
 def _write_text(path: pathlib.Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
@@ -199,6 +278,7 @@ def write_report(
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(results["summary"], results["metrics"], results["settings"]["steps"])
+    results = write_samples(out, results)
     _write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False))
     notes = (
         "Final eval loss and metrics: mean ± std over seeds at each method's best learning "

@@ -6,6 +6,8 @@ For each method (see :func:`summarize`):
   smallest seed the method ran, which every learning rate of the sweep ran with);
 * ``eval_loss_mean/std`` and ``<metric>_mean/std``: over all seeds run at ``best_lr``
   (std is the sample standard deviation, ``None`` for one seed);
+* ``final_eval_loss_by_lr`` and ``metrics_by_lr``: the final eval loss and the final metrics
+  of each learning rate at the reference seed (``None``: diverged);
 * ``lr_band_decades``: width, in decades, of the contiguous range of swept learning rates
   around ``best_lr`` whose final eval loss is within 5 % of the best (``None`` with a single
   learning rate);
@@ -32,6 +34,10 @@ BAND_TOLERANCE = 0.05
 def _loss(record: dict[str, Any]) -> float:
     value = record["final"].get("eval_loss")
     return math.inf if value is None else float(value)
+
+
+def _lr(record: dict[str, Any]) -> float:
+    return float(record["config"]["lr"])
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -89,7 +95,8 @@ def summarize(
     out: dict[str, dict[str, Any]] = {}
     for method, runs in by_method.items():
         ref_seed = min(r["config"]["seed"] for r in runs)
-        loss_by_lr = {r["config"]["lr"]: _loss(r) for r in runs if r["config"]["seed"] == ref_seed}
+        ref_runs = [r for r in runs if r["config"]["seed"] == ref_seed]
+        loss_by_lr = {r["config"]["lr"]: _loss(r) for r in ref_runs}
         best_lr = min(loss_by_lr, key=loss_by_lr.__getitem__)
         at_best = [r for r in runs if r["config"]["lr"] == best_lr]
         mean, std = _mean_std([_loss(r) for r in at_best])
@@ -98,6 +105,10 @@ def summarize(
             "lrs": sorted(loss_by_lr),
             "final_eval_loss_by_lr": {
                 str(lr): (None if math.isinf(v) else v) for lr, v in sorted(loss_by_lr.items())
+            },
+            "metrics_by_lr": {
+                str(lr): {name: r["final"].get(name) for name in metrics}
+                for lr, r in ((r["config"]["lr"], r) for r in sorted(ref_runs, key=_lr))
             },
             "seeds": sorted(r["config"]["seed"] for r in at_best),
             "eval_loss_mean": mean,

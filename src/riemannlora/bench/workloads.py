@@ -13,9 +13,17 @@ Three workloads on the fixed BIG-bench splits of :mod:`riemannlora.tasks`:
   their references (:mod:`riemannlora.bench.metrics`).
 * ``mathqa`` -- elementary MathQA with a causal LM (default SmolLM2). Eval loss as e2e. Final
   metric: multiple-choice accuracy (:func:`riemannlora.tasks.mathqa_accuracy`).
+* ``diffusion`` -- DreamBooth-style subject learning with a small text-to-image diffusion model
+  pretrained here (:mod:`riemannlora.diffusion`; default ``riemannlora/mnist-digits-unet``,
+  quick runs ``riemannlora/mnist-digits-unet-tiny``): LoRA on the UNet's attention projections
+  learns the held-out digit from 10 training images bound to "a handwritten digit sks", with
+  prior preservation. Eval loss: denoising loss on unseen test images of the new class. Final
+  metrics: classifier accuracy of generated subject samples (``subject_accuracy``) and of
+  samples of the pretrained classes (``retained_accuracy``: forgetting lowers it), and a PNG
+  grid of samples.
 
 LoRA is put on every ``nn.Linear`` except the output head (``classifier``, ``score``,
-``lm_head``), with ``lora_alpha = 2 r`` (scaling 2) and no dropout, so every method sees the
+``lm_head``) -- for ``diffusion`` on ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` -- with ``lora_alpha = 2 r`` (scaling 2) and no dropout, so every method sees the
 same deterministic function of its parameters.
 """
 
@@ -55,15 +63,25 @@ class Workload:
     """
 
     name: str
-    kind: str  # "classification" or "causal"
+    kind: str  # "classification", "causal" or "diffusion"
     default_model: str
     metric: str  # name of the primary final metric (higher is better)
     presets: dict[str, dict[str, int]]
     eval_batch_size: int
+    metrics: tuple[str, ...] = ()  # every final metric of the table (default: (metric,))
+    quick_model: str | None = None  # model of the quick preset (default: default_model)
 
     def settings(self, preset: str) -> dict[str, int]:
         """Sizes of ``preset`` (``"full"`` uses the default sizes)."""
         return dict(self.presets["quick" if preset == "quick" else "default"])
+
+    def model_for(self, preset: str) -> str:
+        """The default model of ``preset``."""
+        return self.quick_model if preset == "quick" and self.quick_model else self.default_model
+
+    def table_metrics(self) -> list[str]:
+        """The final metrics of the results table."""
+        return list(self.metrics or (self.metric,))
 
 
 _MULTIEMO = Workload(
@@ -98,6 +116,7 @@ _E2E = Workload(
     kind="causal",
     default_model=SMOLLM2_ID,
     metric="bleu",
+    metrics=("bleu", "rouge_l"),
     presets={
         "default": dict(
             steps=150,
@@ -148,8 +167,40 @@ _MATHQA = Workload(
     eval_batch_size=16,
 )
 
+_DIFFUSION = Workload(
+    name="diffusion",
+    kind="diffusion",
+    default_model="riemannlora/mnist-digits-unet",
+    quick_model="riemannlora/mnist-digits-unet-tiny",
+    metric="subject_accuracy",
+    metrics=("subject_accuracy", "retained_accuracy"),
+    presets={
+        # batch_size: subject images per batch (as many prior-preservation images come along);
+        # eval_size: unseen test images of the new class; final_eval_size: subject samples
+        "default": dict(
+            steps=150,
+            batch_size=8,
+            eval_every=25,
+            eval_size=128,
+            final_eval_size=64,
+            max_length=0,
+            max_new_tokens=0,
+        ),
+        "quick": dict(
+            steps=4,
+            batch_size=4,
+            eval_every=2,
+            eval_size=16,
+            final_eval_size=8,
+            max_length=0,
+            max_new_tokens=0,
+        ),
+    },
+    eval_batch_size=64,
+)
+
 #: Task name -> workload.
-WORKLOADS: dict[str, Workload] = {w.name: w for w in (_MULTIEMO, _E2E, _MATHQA)}
+WORKLOADS: dict[str, Workload] = {w.name: w for w in (_MULTIEMO, _E2E, _MATHQA, _DIFFUSION)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,7 +209,14 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (_MULTIEMO, _E2E, _MATHQA)}
 
 
 def load_base(workload: Workload, model: str, device: str) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)``: the pretrained model (float32, eval mode) on ``device``."""
+    """``(model, tokenizer)``: the pretrained model (float32, eval mode) on ``device``. For
+    ``diffusion``: a :class:`riemannlora.diffusion.DenoisingLoss` around the pretrained UNet
+    and, in place of the tokenizer, its :class:`riemannlora.diffusion.DreamBoothData`."""
+    if workload.kind == "diffusion":
+        from riemannlora.diffusion import DenoisingLoss, DreamBoothData, pretrained
+
+        base = pretrained(model, device=device)
+        return DenoisingLoss(base.unet).to(device).eval(), DreamBoothData(base)
     if workload.kind == "classification":
         return load_sequence_classifier(model, num_labels=len(MULTIEMO_LABELS), device=device)
     return load_causal_lm(model, device=device)
@@ -181,6 +239,16 @@ def lora_config(workload: Workload, model: nn.Module, rank: int, **init: Any) ->
     ``init_lora_weights``)."""
     from peft import LoraConfig, TaskType
 
+    if workload.kind == "diffusion":
+        from riemannlora.diffusion import LORA_TARGETS
+
+        return LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            lora_dropout=0.0,
+            target_modules=list(LORA_TARGETS),
+            **init,
+        )
     task_type = TaskType.SEQ_CLS if workload.kind == "classification" else TaskType.CAUSAL_LM
     return LoraConfig(
         task_type=task_type,
@@ -222,7 +290,10 @@ def train_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """``steps`` training batches, the same for every method: the first ``steps * batch_size``
     examples of the train split (or all of them), reshuffled each epoch by a generator seeded
-    with ``seed``."""
+    with ``seed``. ``diffusion``: :meth:`riemannlora.diffusion.DreamBoothData.train_batches`."""
+    if workload.kind == "diffusion":
+        yield from tokenizer.train_batches(steps, batch_size, seed)
+        return
     examples = _examples(workload.name, tokenizer, "train", steps * batch_size, max_length)
     if not examples:
         raise ValueError(f"task {workload.name!r} has no training examples")
@@ -241,6 +312,8 @@ def eval_batches(
 ) -> list[dict[str, torch.Tensor]]:
     """The fixed eval subset (first ``n`` eval examples) in batches, sorted by length (less
     padding; the order does not change the mean)."""
+    if workload.kind == "diffusion":
+        return tokenizer.eval_batches(n, workload.eval_batch_size)
     examples = sorted(
         _examples(workload.name, tokenizer, "eval", n, max_length),
         key=lambda ex: len(ex["input_ids"]),
@@ -255,8 +328,10 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 def _weight(batch: dict[str, torch.Tensor]) -> int:
-    """Number of loss terms in a batch: examples (classification) or predicted target tokens
-    (causal; the label of position t + 1 is predicted at t)."""
+    """Number of loss terms in a batch: examples (classification, diffusion) or predicted
+    target tokens (causal; the label of position t + 1 is predicted at t)."""
+    if "pixel_values" in batch:
+        return len(batch["pixel_values"])
     labels = batch["labels"]
     if labels.dim() == 1:
         return labels.numel()
@@ -316,6 +391,8 @@ def final_metrics(
     """The task's final metrics after training (see the module docstring). e2e also returns
     ``"samples"``: the first three (prompt, generation) pairs."""
     size = workload.eval_batch_size
+    if workload.kind == "diffusion":
+        return tokenizer.final_metrics(model, final_eval_size)
     if workload.name == "multiemo":
         batches = eval_batches(workload, tokenizer, n=final_eval_size, max_length=max_length)
         correct = sum(
