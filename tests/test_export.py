@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 import riemannlora as rl
+from riemannlora.manifold import manifold_layers
 from test_manifold import (
     assert_bitwise_equal,
     base_weights,
@@ -50,6 +52,7 @@ def test_round_trip_with_vanilla_peft(tmp_path, use_loi):
         "adapter_config.json",
         "adapter_model.safetensors",
         "riemannlora.json",
+        "riemannlora_row_bases.safetensors",
     ]
     loaded = PeftModel.from_pretrained(original, str(out))
     torch.testing.assert_close(logits(loaded, ids), expected, atol=1e-6, rtol=1e-6)
@@ -92,12 +95,84 @@ def test_save_pretrained_is_redirected(tmp_path):
     assert (tmp_path / "a" / "riemannlora.json").is_file()
     loaded = PeftModel.from_pretrained(original, str(tmp_path / "a"))
     torch.testing.assert_close(logits(loaded, ids), expected, atol=1e-6, rtol=1e-6)
+    # an explicit state dict (Trainer's gathered FSDP one) is exported instead of the weights
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(str(tmp_path / "b"), state_dict=state)
+    for name in ("adapter_model.safetensors", "riemannlora_row_bases.safetensors"):
+        a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="export_adapter"):
-        model.save_pretrained(str(tmp_path / "b"), state_dict=model.state_dict())
+        model.save_pretrained(str(tmp_path / "e"), path_initial_model_for_weight_conversion="x")
     with pytest.raises(TypeError, match="does not support"):
         model.save_pretrained(str(tmp_path / "c"), max_shard_size="1GB")
     model.save_pretrained(str(tmp_path / "d"), is_main_process=False)
     assert not (tmp_path / "d").exists()
+
+
+def manifold_state(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+
+
+@pytest.mark.parametrize("use_loi", [False, True])
+def test_load_exported_adapter_restores_the_manifold_form_bitwise(tmp_path, use_loi):
+    _, model = peft_llama(r=2, modules_to_save=["lm_head"])
+    ids = token_batch()
+    opt = train(model, ids, use_loi=use_loi, adamw_lr=1e-2)
+    rl.export_adapter(model, tmp_path)
+    saved = manifold_state(model)
+    opt_state = copy.deepcopy(opt.state_dict())
+    head = model.base_model.model.lm_head.modules_to_save["default"].weight.detach().clone()
+    # a fresh PEFT model (not converted): converted first, with offsets when the export has them
+    _, fresh = peft_llama(r=2, modules_to_save=["lm_head"])
+    rl.load_exported_adapter(fresh, tmp_path)
+    got = manifold_state(fresh)
+    assert saved.keys() == got.keys()
+    for k in saved:
+        assert torch.equal(saved[k], got[k]), k
+    assert torch.equal(fresh.base_model.model.lm_head.modules_to_save["default"].weight, head)
+    assert torch.equal(logits(fresh, ids), logits(model, ids))
+
+    # the redirected load_adapter of a converted model (Trainer's resume): the run continues
+    # bit for bit, as from the optimizer's own state dict
+    _, other = peft_llama(r=2, modules_to_save=["lm_head"])
+    if use_loi:  # the script runs LOI again; the loaded adapter replaces its result
+        rl.init_loi(other, lambda: lm_loss(other, ids), generator=torch.Generator().manual_seed(5))
+    opt2 = rl.Riemannion(other, lr=0.02, generator=torch.Generator().manual_seed(1), adamw_lr=1e-2)
+    other.load_adapter(str(tmp_path), "default", is_trainable=True)
+    opt2.load_state_dict(opt_state)
+    for o, m in ((opt, model), (opt2, other)):
+        for _ in range(2):
+            o.zero_grad()
+            lm_loss(m, ids).backward()
+            o.step()
+    a, b = manifold_state(model), manifold_state(other)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_load_exported_adapter_without_row_bases_and_errors(tmp_path):
+    _, model = peft_llama(r=2)
+    ids = token_batch()
+    train(model, ids)
+    rl.export_adapter(model, tmp_path / "a")
+    (tmp_path / "a" / "riemannlora_row_bases.safetensors").unlink()
+    _, fresh = peft_llama(r=2)
+    rl.load_exported_adapter(fresh, tmp_path / "a")  # Q recomputed as qr(V): same point
+    torch.testing.assert_close(logits(fresh, ids), logits(model, ids), atol=1e-6, rtol=1e-6)
+    for layer in manifold_layers(fresh):
+        torch.testing.assert_close(layer.Q().mT @ layer.Q(), torch.eye(2), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="not an adapter exported by riemannlora"):
+        rl.load_exported_adapter(fresh, tmp_path / "missing")
+    _, wider = peft_llama(r=3)
+    with pytest.raises(ValueError, match="has rank 3, the export has 2"):
+        rl.load_exported_adapter(wider, tmp_path / "a")
+    # plain PEFT adapters still go to PEFT's own load_adapter
+    _, plain = peft_llama(r=2, init_lora_weights=False)
+    plain.save_pretrained(str(tmp_path / "plain"))
+    _, target = peft_llama(r=2)
+    rl.to_manifold(target)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        target.load_adapter(str(tmp_path / "plain"), "default")
 
 
 def test_export_overwrites_files_and_keeps_others(tmp_path):

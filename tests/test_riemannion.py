@@ -521,3 +521,66 @@ def test_momentum_buffers_are_updated_in_place():
     mlp_loss(model, data).backward()
     opt.step()
     assert all(opt.state[x.b]["step"].item() == 4.0 for x in manifold_layers(model))
+
+
+# --------------------------------------------------------------------------------------------
+# non-finite gradients, lr = 0
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opt_cls", [rl.Riemannion, rl.RiemannianSGD])
+def test_nonfinite_gradient_skips_the_whole_step(opt_cls, caplog):
+    _, model = peft_mlp(init=False)
+    data = mlp_data()
+    opt = opt_cls(model, lr=0.05, generator=torch.Generator().manual_seed(0))
+    _, ref = peft_mlp(init=False)
+    ref_opt = opt_cls(ref, lr=0.05, generator=torch.Generator().manual_seed(0))
+    for step in range(3):
+        for mdl, o in ((model, opt), (ref, ref_opt)):
+            if mdl is ref and step == 1:
+                continue  # the reference never sees the poisoned batch
+            o.zero_grad()
+            mlp_loss(mdl, data).backward()
+            if mdl is model and step == 1:
+                manifold_layers(mdl)[2].b.grad[0, 0] = float("inf")
+            o.step()
+    assert opt.skipped_steps == 1 and "skipped a step" in caplog.text
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+    assert all(int(s["step"]) == 2 for s in opt.state.values() if "step" in s)
+
+
+def test_nonfinite_raise_names_the_tensor_before_anything_changes():
+    _, model = peft_mlp(init=False)
+    data = mlp_data()
+    opt = rl.Riemannion(model, lr=0.05, nonfinite="raise")
+    mlp_loss(model, data).backward()
+    manifold_layers(model)[0].a.grad[3, 1] = float("nan")  # a row of (G^T U)^T
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(rl.optim.guard.NonFiniteError, match=r"fc1\.default\.lora_A"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        rl.RiemannianSGD(model, lr=0.1, nonfinite="ignore")
+
+
+@pytest.mark.parametrize("opt_cls", [rl.Riemannion, rl.RiemannianSGD])
+def test_zero_lr_keeps_the_point_and_moves_the_momentum(opt_cls):
+    """lr = 0 (a warmup's first step; torch.distributed.checkpoint's state initialization) must
+    not re-gauge the factors: the point stays bit for bit, the momentum still accumulates."""
+    _, model = peft_mlp(init=False)
+    data = mlp_data()
+    opt = opt_cls(model, lr=0.05, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: float(t))  # 0, then 1
+    before = [p.detach().clone() for p in model.parameters()]
+    before_a = manifold_layers(model)[0].a.detach().clone()
+    mlp_loss(model, data).backward()
+    opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    left = opt.state[manifold_layers(model)[0].b]["momentum_left"]
+    assert left.abs().sum() > 0
+    sched.step()
+    opt.zero_grad()
+    mlp_loss(model, data).backward()
+    opt.step()
+    assert not torch.equal(before_a, manifold_layers(model)[0].a)  # now it moves

@@ -1,7 +1,9 @@
-"""transformers.Trainer with riemannlora optimizers: factory route, plain route, resume, adapters."""
+"""transformers.Trainer with riemannlora optimizers (the scaled ones and the manifold ones,
+Riemannion / RiemannianSGD): factory route, plain route, resume, LOI, clipping, adapters."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -17,7 +19,7 @@ from transformers import (
 )
 
 import riemannlora as rl
-from riemannlora.integrations.trainer import RiemannTrainer, default_optimizer
+from riemannlora.integrations.trainer import RiemannTrainer, default_optimizer, first_batch
 
 torch.set_num_threads(2)
 
@@ -79,7 +81,18 @@ FACTORIES = {
     "ScaledSGD-f64-momentum": lambda m: rl.ScaledSGD(
         m, lr=0.1, momentum=0.9, gram_dtype=torch.float64
     ),
+    # the manifold optimizers convert the model when Trainer creates them
+    "Riemannion": lambda m: rl.Riemannion(
+        m, lr=1e-2, weight_decay=0.01, generator=torch.Generator().manual_seed(0)
+    ),
+    "RiemannianSGD": lambda m: rl.RiemannianSGD(
+        m, lr=0.5, generator=torch.Generator().manual_seed(0)
+    ),
 }
+
+
+def is_manifold(name: str) -> bool:
+    return name.startswith("Riemann")
 
 
 @pytest.fixture(scope="module", params=sorted(FACTORIES))
@@ -101,7 +114,11 @@ def test_factory_builds_our_optimizer_from_the_unwrapped_model(full_run):
     name, _, trainer = full_run
     inner = trainer.optimizer.optimizer  # Accelerate's wrapper around ours
     assert type(inner).__name__ == name.split("-")[0]
-    assert inner.param_groups[0]["lora"] and len(inner.param_groups[0]["scalings"]) == 6
+    group = inner.param_groups[0]
+    if is_manifold(name):
+        assert group["manifold"] and len(group["layer_names"]) == 6
+    else:
+        assert group["lora"] and len(group["scalings"]) == 6
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
@@ -143,13 +160,14 @@ def test_crash_then_resume_matches_uninterrupted_run_bitwise(full_run, tmp_path)
 
 
 def test_saved_adapter_is_a_standard_peft_adapter(full_run, tmp_path):
-    _, _, trainer = full_run
+    name, _, trainer = full_run
     trainer.save_model(str(tmp_path))
     assert (tmp_path / "adapter_model.safetensors").is_file()
-    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
-    for name, p in trainer.model.named_parameters():
-        if "lora_" in name:
-            assert torch.equal(p, loaded.get_parameter(name)), name
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))  # vanilla PEFT
+    if not is_manifold(name):  # (manifold form: other layout, the same function below)
+        for key, p in trainer.model.named_parameters():
+            if "lora_" in key:
+                assert torch.equal(p, loaded.get_parameter(key)), key
     ids = torch.randint(0, 64, (2, 10))
     trainer.model.eval()
     with torch.no_grad():
@@ -196,6 +214,128 @@ def test_plain_trainer_with_optimizers_tuple(tmp_path):
     assert all(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
 
 
+class _Measure(TrainerCallback):
+    """Records the Riemannian gradient norm just before each optimizer step (after clipping)."""
+
+    def __init__(self):
+        self.trainer = None
+        self.norms: list[float] = []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.norms.append(float(rl.clip_grad_norm_(self.trainer.optimizer, float("inf"))))
+
+
+def _manifold_trainer(out, factory="Riemannion", callbacks=(), loi=False, **kw):
+    model = tiny_peft_llama()
+    trainer = RiemannTrainer(
+        model=model,
+        args=training_args(out, **kw),
+        train_dataset=token_data(),
+        data_collator=default_data_collator,
+        optimizer_factory=FACTORIES[factory],
+        callbacks=list(callbacks),
+    )
+    if loi:  # LOI from a Trainer batch, before the optimizer exists
+        batch = first_batch(trainer)
+        rl.init_loi(
+            model,
+            lambda: trainer.compute_loss(model, batch),
+            generator=torch.Generator().manual_seed(0),
+        )
+    return trainer
+
+
+def test_loi_from_a_trainer_batch_then_crash_resume_and_export(tmp_path):
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        pretrained = tiny_llama()(ids).logits
+    full = _manifold_trainer(tmp_path / "full", loi=True)
+    model = full.model
+    model.eval()
+    with torch.no_grad():  # LOI keeps the outputs: the pretrained model's
+        torch.testing.assert_close(model(ids).logits, pretrained)
+    full.train()
+    info = json.loads((tmp_path / "full" / "checkpoint-3" / "riemannlora.json").read_text())
+    assert len(info["layers"]) == 6 and all(v["offset"] for v in info["layers"].values())
+
+    crashed = _manifold_trainer(tmp_path / "run", loi=True, callbacks=[_Crash(at=5)])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.train()
+    # a new process runs the same script (LOI again), then resumes from checkpoint-3: the
+    # checkpoint's adapter, row bases and offsets replace the LOI result bit for bit
+    resumed = _manifold_trainer(tmp_path / "run", loi=True)
+    resumed.train(resume_from_checkpoint=True)
+    final, again = trainable(full.model), trainable(resumed.model)
+    for k in final:
+        assert torch.equal(final[k], again[k]), k
+
+    full.save_model(str(tmp_path / "adapter"))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert set(config["rank_pattern"].values()) == {8}  # rank 2r: [U | U0], [V | -V0]^T
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter"))
+    full.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, full.model(ids).logits)
+
+
+def _plain_manifold_trainer(out, callbacks=()):
+    model = tiny_peft_llama()
+    opt = rl.RiemannianSGD(model, lr=0.5, generator=torch.Generator().manual_seed(0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    return Trainer(
+        model=model,
+        args=training_args(out, max_grad_norm=0.0),  # Trainer's own clipping: Euclidean
+        train_dataset=token_data(),
+        data_collator=default_data_collator,
+        optimizers=(opt, sched),
+        callbacks=list(callbacks),
+    )
+
+
+def test_plain_trainer_route_with_a_manifold_optimizer_resumes_bitwise(tmp_path):
+    full = _plain_manifold_trainer(tmp_path / "full")
+    full.train()
+    crashed = _plain_manifold_trainer(tmp_path / "run", callbacks=[_Crash(at=5)])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.train()
+    # the optimizer converted the fresh model, whose redirected load_adapter reads the checkpoint
+    resumed = _plain_manifold_trainer(tmp_path / "run")
+    resumed.train(resume_from_checkpoint=True)
+    final, again = trainable(full.model), trainable(resumed.model)
+    assert final.keys() == again.keys()
+    for k in final:
+        assert torch.equal(final[k], again[k]), k
+    full.save_model(str(tmp_path / "adapter"))
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter"))
+    ids = torch.randint(0, 64, (2, 10))
+    full.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, full.model(ids).logits)
+
+
+@pytest.mark.parametrize("factory", ["Riemannion", "RiemannianSGD"])
+def test_max_grad_norm_clips_the_riemannian_gradient(tmp_path, factory):
+    logged = {}
+    for max_norm in (0.0, 0.05):
+        measure = _Measure()
+        trainer = _manifold_trainer(
+            tmp_path / str(max_norm),
+            factory,
+            callbacks=[measure],
+            save_strategy="no",
+            max_steps=3,
+            max_grad_norm=max_norm,
+        )
+        measure.trainer = trainer
+        trainer.train()
+        logged[max_norm] = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+        if max_norm == 0.0:  # the logged norm is the Riemannian gradient's
+            assert logged[max_norm] == pytest.approx(measure.norms, rel=1e-6)
+        else:  # clipped to exactly max_norm by that norm
+            assert all(n > max_norm for n in logged[max_norm])
+            assert measure.norms == pytest.approx([max_norm] * 3, rel=1e-5)
+
+
 class _PoisonGradient(TrainerCallback):
     """Sets one LoRA gradient to NaN just before the optimizer step of step ``at``."""
 
@@ -225,9 +365,11 @@ def test_nonfinite_step_is_skipped_and_logged(tmp_path):
     assert any(h.get("skipped_steps") == 1 for h in trainer.state.log_history)
 
 
-def test_trainer_bf16_autocast_gradient_accumulation_and_clipping(tmp_path):
+@pytest.mark.parametrize("factory", [None, "Riemannion"])
+def test_trainer_bf16_autocast_gradient_accumulation_and_clipping(tmp_path, factory):
     trainer = RiemannTrainer(
         model=tiny_peft_llama(),
+        optimizer_factory=None if factory is None else FACTORIES[factory],
         args=training_args(
             tmp_path,
             save_strategy="no",

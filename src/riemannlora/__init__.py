@@ -5,10 +5,13 @@
 * :func:`find_lora_pairs` -- every trainable LoRA factor pair of a (PEFT) model, by structure.
 * :class:`Riemannion`, :class:`RiemannianSGD` -- optimizers on the manifold of rank-r matrices
   (Bogachev et al., 2025), with :func:`to_manifold`, :func:`init_loi` (locally optimal
-  initialization) and :func:`export_adapter` (standard PEFT adapter out).
+  initialization), :func:`export_adapter` (standard PEFT adapter out),
+  :func:`load_exported_adapter` (and back, bit for bit) and :func:`clip_grad_norm_` (clipping by
+  the Riemannian gradient's norm).
 """
 
-from riemannlora.export import export_adapter
+from riemannlora.clip import clip_grad_norm_
+from riemannlora.export import export_adapter, load_exported_adapter
 from riemannlora.loi import LoiInfo, init_loi
 from riemannlora.manifold import ManifoldLayer, to_manifold
 from riemannlora.optim import RiemannianSGD, Riemannion, ScaledAdamW, ScaledSGD
@@ -26,8 +29,10 @@ __all__ = [
     "ScaledAdamW",
     "ScaledSGD",
     "__version__",
+    "clip_grad_norm_",
     "export_adapter",
     "find_lora_pairs",
     "init_loi",
+    "load_exported_adapter",
     "to_manifold",
 ]

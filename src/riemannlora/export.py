@@ -10,8 +10,14 @@ copied, not recomputed). The directory holds ``adapter_config.json`` (the model'
 ``LoraConfig`` with ``rank_pattern``/``alpha_pattern`` giving every layer its rank and
 ``alpha = scaling * rank``, ``use_rslora=False``), ``adapter_model.safetensors`` (PEFT's key
 names, from ``peft.utils.get_peft_model_state_dict``, including ``modules_to_save``) and
-``riemannlora.json`` (which layers carry an offset, and why their rank is 2r). Vanilla
-``PeftModel.from_pretrained(original_base_model, path)`` reproduces the trained model.
+``riemannlora.json`` (which layers carry an offset, and why their rank is 2r) and
+``riemannlora_row_bases.safetensors`` (each layer's row basis Q, which vanilla PEFT ignores).
+Vanilla ``PeftModel.from_pretrained(original_base_model, path)`` reproduces the trained model.
+
+:func:`load_exported_adapter` goes the other way, into a model in manifold form (converting it
+first if needed): it restores ``U``, ``V``, ``Q`` and the offset bit for bit, so a training run
+resumed from an exported checkpoint (``transformers.Trainer``'s ``resume_from_checkpoint``,
+through the redirected ``PeftModel.load_adapter``) continues exactly as the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -27,14 +33,17 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from riemannlora.manifold import MANIFOLD_ATTR
 
-__all__ = ["EXPORT_INFO_NAME", "export_adapter"]
+__all__ = ["EXPORT_INFO_NAME", "ROW_BASES_NAME", "export_adapter", "load_exported_adapter"]
 
 #: Side file written next to the adapter with per-layer manifold metadata.
 EXPORT_INFO_NAME = "riemannlora.json"
+#: Side file with each layer's row basis ``Q^T`` ``(r, n)``, keyed by the layer's path.
+ROW_BASES_NAME = "riemannlora_row_bases.safetensors"
 _WEIGHTS_NAME = "adapter_model.safetensors"
 _CONFIG_NAME = "adapter_config.json"
 # inits that rewrite the base weight: an adapter trained on top of them is not relative to the
@@ -52,6 +61,7 @@ def export_adapter(
     *,
     adapter_name: str | None = None,
     save_embedding_layers: bool | str = "auto",
+    state_dict: dict[str, Any] | None = None,
 ) -> pathlib.Path:
     """Write adapter ``adapter_name`` of ``model`` as a standard PEFT adapter directory.
 
@@ -60,10 +70,18 @@ def export_adapter(
     exists, each file is replaced atomically (other files there are kept).
 
     Args:
-        model: the ``peft.PeftModel``.
+        model: the ``peft.PeftModel``, or a model with adapters injected in place (diffusers'
+            ``unet.add_adapter(LoraConfig(...))``, ``peft.inject_adapter_in_model``): it is written
+            as ``get_peft_model`` would have saved it (keys under ``base_model.model.``), so
+            ``PeftModel.from_pretrained(base, path)`` loads it.
         path: output directory.
         adapter_name: adapter to export (default: the only one, else the active one).
         save_embedding_layers: as ``PeftModel.save_pretrained``.
+        state_dict: the weights to export, keyed as ``model.state_dict()`` (default: the model's
+            own). Under FSDP2 pass a full state dict, e.g. from
+            ``torch.distributed.checkpoint.state_dict.get_model_state_dict(model,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True))`` on every rank,
+            then export on rank 0 only.
 
     Returns:
         The output directory.
@@ -76,14 +94,28 @@ def export_adapter(
     except ImportError as exc:  # pragma: no cover
         raise ImportError("export_adapter needs peft and safetensors") from exc
 
-    if not isinstance(model, PeftModel):
+    from peft.tuners.tuners_utils import BaseTuner
+
+    injected = not isinstance(model, PeftModel)
+    if isinstance(model, BaseTuner) or (
+        injected
+        and not (isinstance(getattr(model, "peft_config", None), dict) and model.peft_config)
+    ):
         raise TypeError(
-            f"export_adapter expects the peft.PeftModel (as returned by get_peft_model), got "
-            f"{type(model).__name__}"
+            "export_adapter expects a peft.PeftModel (as returned by get_peft_model) or a model "
+            "with LoRA adapters injected in place (diffusers add_adapter, "
+            f"peft.inject_adapter_in_model); got {type(model).__name__} without adapters"
         )
     if adapter_name is None:
         names = list(model.peft_config)
-        adapter_name = names[0] if len(names) == 1 else model.active_adapter
+        if len(names) == 1:
+            adapter_name = names[0]
+        elif injected:
+            raise ValueError(
+                f"the model has several adapters {sorted(names)}: pass adapter_name=..."
+            )
+        else:
+            adapter_name = model.active_adapter
     if adapter_name not in model.peft_config:
         raise ValueError(
             f"adapter {adapter_name!r} not found; the model has {sorted(model.peft_config)}"
@@ -100,17 +132,28 @@ def export_adapter(
             "(and riemannlora.init_loi if you want a data-driven start)."
         )
 
-    base = model.get_base_model()
+    base = model if injected else model.get_base_model()
     prefix = {id(mod): name for name, mod in model.named_modules()}
+    if state_dict is None:
+        state_dict = model.state_dict()
+    from riemannlora.distributed import is_dtensor
+
+    if any(is_dtensor(v) for v in state_dict.values()):
+        raise ValueError(
+            "export_adapter needs whole tensors, the state dict holds sharded DTensors: pass a "
+            "full state dict (get_model_state_dict(model, options=StateDictOptions("
+            "full_state_dict=True, cpu_offload=True)))"
+        )
     state = get_peft_model_state_dict(
         model,
-        state_dict=model.state_dict(),
+        state_dict=state_dict,
         adapter_name=adapter_name,
         save_embedding_layers=save_embedding_layers,
     )
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, int | float] = {}
     layers_info: dict[str, dict[str, Any]] = {}
+    row_bases: dict[str, Any] = {}
     for base_path, module in base.named_modules():
         if not isinstance(module, LoraLayer) or adapter_name not in module.r:
             continue
@@ -128,10 +171,10 @@ def export_adapter(
             raise RuntimeError(
                 f"could not find {keys} in the PEFT state dict of adapter {adapter_name!r}"
             )
-        a = module.lora_A[adapter_name].weight.detach()
-        b = module.lora_B[adapter_name].weight.detach()
+        a, b = state[keys[0]].detach(), state[keys[1]].detach()  # manifold layout, width w
         state[keys[0]] = a[r:].clone()  # [V | -V0]^T
         state[keys[1]] = b[:, r:].clone()  # [U | U0]
+        row_bases[base_path] = a[:r].to("cpu").contiguous()  # Q^T
         rank = 2 * r if offset else r
         rank_pattern[key] = rank
         alpha_pattern[key] = rank
@@ -162,12 +205,15 @@ def export_adapter(
         ),
         "layers": layers_info,
     }
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    key_prefix = "base_model.model." if injected else ""  # the keys of a saved PeftModel
+    tensors = {key_prefix + k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
     def write(tmp: pathlib.Path) -> None:
         new_config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / _WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2, sort_keys=True))
+        if row_bases:
+            save_file(row_bases, str(tmp / ROW_BASES_NAME), metadata={"format": "pt"})
 
     _write_atomic(pathlib.Path(path), write)
     return pathlib.Path(path)
@@ -211,8 +257,98 @@ def _write_atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> 
                     raise
         if not path.is_dir():
             raise NotADirectoryError(f"export path {str(path)!r} exists and is not a directory")
-        order = {_WEIGHTS_NAME: 0, EXPORT_INFO_NAME: 1, _CONFIG_NAME: 2}
+        order = {_WEIGHTS_NAME: 0, ROW_BASES_NAME: 1, EXPORT_INFO_NAME: 2, _CONFIG_NAME: 3}
         for f in sorted(tmp.iterdir(), key=lambda p: order.get(p.name, -1)):
             os.replace(f, path / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_exported_adapter(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a directory written by :func:`export_adapter` (from manifold form)."""
+    p = pathlib.Path(path)
+    return (p / EXPORT_INFO_NAME).is_file() and (p / _WEIGHTS_NAME).is_file()
+
+
+def load_exported_adapter(
+    model: nn.Module, path: str | os.PathLike[str], adapter_name: str | None = None
+) -> Any:
+    """Load an adapter written by :func:`export_adapter` back into ``model`` in manifold form.
+
+    The model (a ``peft.PeftModel`` with the same LoRA targets) is converted first when it is
+    not yet (:func:`riemannlora.to_manifold`, with offsets when the export has them). ``U``,
+    ``V`` and the offset are copied from the adapter, ``Q`` from the row-bases file (recomputed
+    as ``qr(V)`` when it is missing), all bit for bit; other saved weights (``modules_to_save``,
+    plain LoRA layers) are loaded by PEFT's ``set_peft_model_state_dict``. Returns PEFT's load
+    result for those.
+    """
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from riemannlora.geometry import orthonormal_basis
+    from riemannlora.manifold import ManifoldLayer, lora_targets, to_manifold
+
+    path = pathlib.Path(path)
+    if not is_exported_adapter(path):
+        raise ValueError(
+            f"{str(path)!r} is not an adapter exported by riemannlora.export_adapter (no "
+            f"{EXPORT_INFO_NAME}); load plain PEFT adapters into a plain PEFT model"
+        )
+    info = json.loads((path / EXPORT_INFO_NAME).read_text())
+    if adapter_name is None:
+        adapter_name = info.get("adapter_name") or "default"
+    layers_info: dict[str, dict[str, Any]] = info.get("layers", {})
+    state = load_file(str(path / _WEIGHTS_NAME))
+    bases = load_file(str(path / ROW_BASES_NAME)) if (path / ROW_BASES_NAME).is_file() else {}
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base_paths = {id(mod): name for name, mod in base.named_modules()}
+    names = {id(mod): name for name, mod in model.named_modules()}
+    with_offset = any(v.get("offset") for v in layers_info.values())
+    targets = [t for t in lora_targets(model) if t.adapter == adapter_name]
+    if any(
+        not t.converted or (with_offset and not ManifoldLayer(t.module, t.adapter, t.path).offset)
+        for t in targets
+    ):
+        to_manifold(model, with_offset=with_offset)
+    seen = set()
+    with torch.no_grad():
+        for t in lora_targets(model):
+            if t.adapter != adapter_name:
+                continue
+            layer = ManifoldLayer(t.module, t.adapter, t.path)
+            base_path = base_paths[id(t.module)]
+            entry = layers_info.get(base_path)
+            full = names[id(t.module)]
+            keys = (f"{full}.lora_A.weight", f"{full}.lora_B.weight")
+            if entry is None or not all(k in state for k in keys):
+                raise ValueError(
+                    f"{str(path)!r} holds no manifold weights for LoRA layer {layer.name!r}: it "
+                    "was exported from another model or configuration"
+                )
+            r, offset = int(entry["rank"]), bool(entry["offset"])
+            if r != layer.rank:
+                raise ValueError(
+                    f"LoRA layer {layer.name!r} has rank {layer.rank}, the export has {r}"
+                )
+            a_exp, b_exp = state[keys[0]], state[keys[1]]  # [V | -V0]^T, [U | U0]
+            a, b = layer.a, layer.b
+            width = 2 * r if offset else r
+            if tuple(a_exp.shape) != (width, layer.n) or tuple(b_exp.shape) != (layer.m, width):
+                raise ValueError(
+                    f"LoRA layer {layer.name!r}: the export's factors have shapes "
+                    f"{tuple(a_exp.shape)}, {tuple(b_exp.shape)}, expected "
+                    f"{(width, layer.n)}, {(layer.m, width)}"
+                )
+            q = bases.get(base_path)
+            if q is None:
+                q = orthonormal_basis(a_exp[:r].mT.to(torch.float64)).mT
+            b[:, :r].zero_()
+            b[:, r : r + width].copy_(b_exp)
+            b[:, r + width :].zero_()  # an offset the export does not have: zero
+            a[:r].copy_(q)
+            a[r : r + width].copy_(a_exp)
+            a[r + width :].zero_()
+            seen.update(keys)
+    rest = {k: v for k, v in state.items() if k not in seen}
+    return set_peft_model_state_dict(model, rest, adapter_name=adapter_name) if rest else None

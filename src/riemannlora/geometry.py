@@ -259,9 +259,9 @@ def _colmajor_copy(A: Tensor) -> Tensor:
 def tangent_qr(U: Tensor, Q: Tensor, dU: Tensor, dV: Tensor) -> TangentQR:
     """:class:`TangentQR` form of the tangent vector ``xi = dU Q^T + U dV^T``.
 
-    ``Qd A = qr(dU)`` and ``Qv C = qr(dV - Q (Q^T dV))``, ``B = Q^T dV``: two QRs of width r
-    instead of the two width-2r QRs of ``[dU | U]``, ``[Q | dV]`` (the blocks U and Q are
-    already orthonormal). Requires orthonormal U and Q and a tangent ``dU`` (``U^T dU = 0``);
+    ``Qd A = qr(dU)`` (normalized to ``diag(A) >= 0``) and ``Qv C = qr(dV - Q (Q^T dV))``,
+    ``B = Q^T dV``: two QRs of width r instead of the two width-2r QRs of ``[dU | U]``,
+    ``[Q | dV]`` (the blocks U and Q are already orthonormal). Requires orthonormal U and Q and a tangent ``dU`` (``U^T dU = 0``);
     the result is then exact up to rounding. When ``dU`` (or the part of ``dV`` outside
     ``span(Q)``) is rank-deficient, some columns of Qd (Qv) are arbitrary orthonormal
     completions, not necessarily orthogonal to U (Q); A (C) then maps into the subspace on which
@@ -284,6 +284,11 @@ def _tangent_qr_(Q: Tensor, dU: Tensor, dV: Tensor) -> TangentQR:
     A = dU.new_empty(*dU.shape[:-2], r, r)
     C = dU.new_empty(*dV.shape[:-2], r, r)
     torch.linalg.qr(dU, out=(dU, A))
+    # diag(A) >= 0: for a full-rank dU the factors are then unique, so a sharded computation
+    # (Cholesky-QR from an all-reduced Gram, riemannlora.distributed) gets the same Qd
+    sign = torch.where(torch.diagonal(A, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(A.dtype)
+    dU.mul_(sign.unsqueeze(-2))
+    A.mul_(sign.unsqueeze(-1))
     torch.linalg.qr(W, out=(W, C))
     return TangentQR(dU, A, W, B, C)
 
@@ -364,8 +369,13 @@ def _cholesky_qr(Y: Tensor) -> tuple[Tensor, Tensor] | None:
     as fast, and the same factors up to round-off since ``cond(Y) ~ 1``). None unless
     ``||Y^T Y - I||_F <= 1/2`` in every batch element (then ``cond(Y) <= sqrt(3)`` and the step
     is accurate to a few eps); the caller falls back to Householder."""
-    r = Y.shape[-1]
-    G = Y.mT @ Y
+    return _cholesky_factors(Y.mT @ Y)
+
+
+def _cholesky_factors(G: Tensor) -> tuple[Tensor, Tensor] | None:
+    """:func:`_cholesky_qr` from the Gram ``G = Y^T Y`` ``(..., r, r)`` (e.g. all-reduced over
+    the row shards of Y): ``(R^{-1}, R)``, or None when ``||G - I||_F > 1/2`` somewhere."""
+    r = G.shape[-1]
     eye = torch.eye(r, dtype=G.dtype, device=G.device)
     R, info = torch.linalg.cholesky_ex(G, upper=True)
     ok = (info == 0) & (torch.linalg.matrix_norm(G - eye) <= 0.5)

@@ -39,6 +39,7 @@ from riemannlora.manifold import (
     lora_targets,
     orig_entries,
     patch_save_pretrained,
+    reject_sharded,
 )
 
 __all__ = ["LoiInfo", "default_loi_alpha", "init_loi"]
@@ -150,6 +151,7 @@ def init_loi(
             "no trainable LoRA adapter found in the model: apply peft.get_peft_model(model, "
             "LoraConfig(target_modules=[...])) first and check that the adapter is trainable"
         )
+    reject_sharded(targets, "init_loi")
     for t in targets:
         if 2 * t.rank > min(t.m, t.n):
             raise ValueError(

@@ -33,11 +33,15 @@ Bookkeeping lives in a small dict on each converted module,
 "orig_alpha", "orig_use_rslora"}``; PEFT's ``r``/``lora_alpha``/``use_rslora`` entries of the
 layer are set to ``w``/``w``/``False`` so that anything recomputing the scaling gets 1.
 ``PeftModel.save_pretrained`` of a converted model is redirected to
-:func:`riemannlora.export_adapter`, which writes a standard PEFT adapter.
+:func:`riemannlora.export_adapter`, which writes a standard PEFT adapter, and
+``PeftModel.load_adapter`` of such an adapter into the model's own adapter to
+:func:`riemannlora.load_exported_adapter`, which restores the manifold form bit for bit (so
+``transformers.Trainer`` checkpoints resume exactly).
 """
 
 from __future__ import annotations
 
+import os
 import types
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
@@ -284,6 +288,20 @@ def _check_target(module: nn.Module, adapter: str, path: str, linear_cls: type) 
     return _Target(module, adapter, path, r, m, n, converted=False)
 
 
+def reject_sharded(targets: list[_Target], what: str) -> None:
+    """Refuse to rebuild the factor modules of layers whose weights are already sharded
+    (FSDP2 DTensors): the new modules would not be sharded, and FSDP would not know them."""
+    from riemannlora.distributed import is_dtensor
+
+    for t in targets:
+        if is_dtensor(t.module.lora_A[t.adapter].weight):
+            raise ValueError(
+                f"{what}: LoRA layer {t.name!r} is already sharded (FSDP2 DTensor weights); "
+                "convert the model first (riemannlora.to_manifold, or riemannlora.init_loi), "
+                "then apply fully_shard, then create the optimizer"
+            )
+
+
 def group_indices(keys: Iterable[Hashable]) -> dict[Hashable, list[int]]:
     """Indices grouped by key, in first-seen order (for batching layers of equal shape)."""
     groups: dict[Hashable, list[int]] = {}
@@ -443,6 +461,13 @@ def to_manifold(
             "no trainable LoRA adapter found in the model: apply peft.get_peft_model(model, "
             "LoraConfig(target_modules=[...])) first and check that the adapter is trainable"
         )
+    rebuilt = [
+        t
+        for t in targets
+        if not t.converted
+        or (with_offset and not ManifoldLayer(t.module, t.adapter, t.path).offset)
+    ]
+    reject_sharded(rebuilt, "to_manifold")
     _convert([t for t in targets if not t.converted], generator)
     if with_offset:
         for t in lora_targets(model):
@@ -464,18 +489,18 @@ def _manifold_save_pretrained(
 ) -> None:
     """``PeftModel.save_pretrained`` of a model in manifold form: writes standard PEFT adapters
     with :func:`riemannlora.export_adapter` (``adapter_model.safetensors``; the default adapter
-    in ``save_directory``, others in ``save_directory/<name>`` as PEFT does)."""
-    import os
-
+    in ``save_directory``, others in ``save_directory/<name>`` as PEFT does). An explicit
+    ``state_dict`` (keyed as ``model.state_dict()``, e.g. Trainer's gathered FSDP state dict)
+    is exported instead of the model's own weights."""
     from riemannlora.export import export_adapter
 
-    if kwargs.get("state_dict") is not None or path_initial_model_for_weight_conversion:
+    if path_initial_model_for_weight_conversion:
         raise ValueError(
-            "save_pretrained of a model in Riemannian manifold form cannot take an explicit "
-            "state_dict or path_initial_model_for_weight_conversion: its LoRA weights have a "
-            "different layout. Call riemannlora.export_adapter(model, path) on the full model."
+            "save_pretrained of a model in Riemannian manifold form cannot take "
+            "path_initial_model_for_weight_conversion: its LoRA weights have a different "
+            "layout. Call riemannlora.export_adapter(model, path) on the full model."
         )
-    kwargs.pop("state_dict", None)
+    state_dict = kwargs.pop("state_dict", None)
     if kwargs:
         raise TypeError(
             f"save_pretrained of a model in Riemannian manifold form does not support "
@@ -486,16 +511,45 @@ def _manifold_save_pretrained(
     names = list(selected_adapters) if selected_adapters else list(self.peft_config)
     for name in names:
         out = save_directory if name == "default" else os.path.join(save_directory, name)
-        export_adapter(self, out, adapter_name=name, save_embedding_layers=save_embedding_layers)
+        export_adapter(
+            self,
+            out,
+            adapter_name=name,
+            save_embedding_layers=save_embedding_layers,
+            state_dict=state_dict,
+        )
+
+
+def _manifold_load_adapter(
+    self: nn.Module, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any
+) -> Any:
+    """``PeftModel.load_adapter`` of a model in manifold form: an adapter written by
+    :func:`riemannlora.export_adapter` (e.g. a ``transformers.Trainer`` checkpoint) loaded into
+    one of the model's own adapters goes through :func:`riemannlora.load_exported_adapter`,
+    which restores the manifold form bit for bit; everything else goes to PEFT."""
+    from riemannlora.export import is_exported_adapter, load_exported_adapter
+
+    peft_config = getattr(self, "peft_config", {})
+    if adapter_name in peft_config and isinstance(model_id, str | os.PathLike):
+        if is_exported_adapter(model_id):
+            return load_exported_adapter(self, model_id, adapter_name)
+    return type(self).load_adapter(self, model_id, adapter_name, *args, **kwargs)
 
 
 def patch_save_pretrained(model: nn.Module) -> None:
     """Make ``model.save_pretrained`` (of a ``PeftModel``) write a correct standard adapter via
-    :func:`riemannlora.export_adapter` instead of the manifold-form weights."""
+    :func:`riemannlora.export_adapter` instead of the manifold-form weights, and
+    ``model.load_adapter`` read such adapters back into the manifold form
+    (:func:`riemannlora.load_exported_adapter`)."""
     if not hasattr(model, "peft_config") or not hasattr(model, "save_pretrained"):
         return
-    current = model.__dict__.get("save_pretrained")
-    if getattr(current, "__func__", None) is _manifold_save_pretrained:
-        return
-    # a bound method (not a closure): copy.deepcopy(model) rebinds it to the copy
-    model.save_pretrained = types.MethodType(_manifold_save_pretrained, model)
+    from peft import PeftModel
+
+    patches = [("save_pretrained", _manifold_save_pretrained)]
+    if isinstance(model, PeftModel):  # (other hosts' load_adapter have other signatures)
+        patches.append(("load_adapter", _manifold_load_adapter))
+    # bound methods (not closures): copy.deepcopy(model) rebinds them to the copy
+    for name, func in patches:
+        current = model.__dict__.get(name)
+        if getattr(current, "__func__", None) is not func:
+            setattr(model, name, types.MethodType(func, model))

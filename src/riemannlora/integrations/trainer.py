@@ -29,10 +29,28 @@ scheduler yourself and pass ``Trainer(..., optimizers=(opt, sched))``. Then ``le
 
 Either way, checkpoints (``save_steps``) store the optimizer's ``state_dict()`` in
 ``optimizer.pt``, and ``resume_from_checkpoint`` restores it through the optimizer's validating
-``load_state_dict``. ``trainer.save_model()`` writes a standard PEFT adapter. Gradient clipping
-(``max_grad_norm``), gradient accumulation and ``bf16`` autocast happen before ``step()`` and
-need nothing special. A step that the optimizer skips because of non-finite gradients is logged
-as ``skipped_steps``. Trainer still advances its LR scheduler for that step.
+``load_state_dict``. ``trainer.save_model()`` writes a standard PEFT adapter. Gradient
+accumulation and ``bf16`` autocast happen before ``step()`` and need nothing special. A step
+that the optimizer skips because of non-finite gradients is logged as ``skipped_steps``.
+Trainer still advances its LR scheduler for that step.
+
+Riemannion / RiemannianSGD (manifold form, :mod:`riemannlora.manifold`):
+
+* The optimizer converts the model when it is created. Trainer creates it before wrapping the
+  model (DDP, and FSDP2 under Accelerate), so the factory route needs nothing more; with the
+  plain route the optimizer exists before the Trainer anyway. ``riemannlora.init_loi`` must run
+  before the optimizer is created, e.g. on a batch of ``trainer.get_train_dataloader()``
+  (:func:`first_batch`).
+* Checkpoints hold the adapter exported by :func:`riemannlora.export_adapter` (a standard PEFT
+  adapter, plus each layer's row basis). ``resume_from_checkpoint`` reads it back into the
+  manifold form bit for bit (:func:`riemannlora.load_exported_adapter`: here in
+  ``_load_from_checkpoint``, which converts a fresh model first; on the plain route through
+  the converted model's redirected ``load_adapter``), so a resumed run equals the
+  uninterrupted one. ``trainer.save_model()`` writes the standard adapter.
+* ``max_grad_norm``: this Trainer clips (and logs ``grad_norm``) by the norm of the Riemannian
+  gradient, :func:`riemannlora.clip_grad_norm_`. A plain ``Trainer`` clips by the Euclidean
+  norm of every gradient block of the converted layers, including blocks the optimizer
+  ignores; with the plain route pass ``max_grad_norm=0`` and clip yourself, or use this class.
 """
 
 from __future__ import annotations
@@ -44,9 +62,12 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from riemannlora.clip import clip_grad_norm_, unwrap_optimizer
+from riemannlora.distributed import is_dtensor
+from riemannlora.export import is_exported_adapter, load_exported_adapter
 from riemannlora.optim import ScaledAdamW
 
-__all__ = ["RiemannTrainer", "default_optimizer"]
+__all__ = ["RiemannTrainer", "default_optimizer", "first_batch"]
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -60,6 +81,26 @@ def default_optimizer(model: nn.Module, args: TrainingArguments) -> ScaledAdamW:
         eps=args.adam_epsilon,
         weight_decay=args.weight_decay,
     )
+
+
+def first_batch(trainer: Trainer) -> dict[str, Any]:
+    """The first training batch of ``trainer``, collated and on the model's device, e.g. for
+    ``riemannlora.init_loi(model, lambda: trainer.compute_loss(model, first_batch(trainer)))``
+    before ``trainer.train()``. Uses a fresh dataloader; the global RNG is left as it was."""
+    state = torch.random.get_rng_state()
+    try:
+        batch = next(iter(trainer.get_train_dataloader()))
+    finally:
+        torch.random.set_rng_state(state)
+    return trainer._prepare_inputs(batch)
+
+
+def _manifold_optimizer(optimizer: Any) -> Any:
+    """The riemannlora manifold optimizer inside ``optimizer`` (Accelerate wraps it), or None."""
+    from riemannlora.optim.riemannion import _ManifoldOptimizer
+
+    inner = unwrap_optimizer(optimizer)
+    return inner if isinstance(inner, _ManifoldOptimizer) else None
 
 
 class RiemannTrainer(Trainer):
@@ -104,6 +145,40 @@ class RiemannTrainer(Trainer):
                 )
             self.optimizer = optimizer
         return self.optimizer
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
+        """Checkpoints of a model in manifold form (an adapter written by
+        :func:`riemannlora.export_adapter`) are read back bit for bit, converting a fresh model
+        first; everything else (FSDP's sharded checkpoints included) as ``Trainer`` does."""
+        target = self.model if model is None else model
+        target = self.accelerator.unwrap_model(target)
+        sharded = any(is_dtensor(p) for p in target.parameters())  # FSDP: its own checkpoints
+        if (
+            is_exported_adapter(resume_from_checkpoint)
+            and hasattr(target, "peft_config")
+            and not sharded
+        ):
+            adapters = getattr(target, "active_adapters", None) or ["default"]
+            load_exported_adapter(target, resume_from_checkpoint, adapters[0])
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        """``max_grad_norm`` by the norm of the Riemannian gradient for Riemannion /
+        RiemannianSGD (:func:`riemannlora.clip_grad_norm_`), as ``Trainer`` otherwise."""
+        inner = _manifold_optimizer(self.optimizer)
+        if inner is None:
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()
+        return clip_grad_norm_(inner, self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        """The logged ``grad_norm``: the Riemannian gradient's for the manifold optimizers."""
+        inner = _manifold_optimizer(self.optimizer)
+        if grad_norm is None and inner is not None:
+            self.accelerator.unscale_gradients()
+            grad_norm = clip_grad_norm_(inner, float("inf"))
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Trainer's logging, plus the optimizer's ``skipped_steps`` when it has any."""

@@ -27,6 +27,13 @@ momentum is stored as the factor pair ``Pm = [dU | U_old]`` ``(m, 2r)``, ``Rm = 
 
 Every other trainable parameter (biases, heads, ``modules_to_save``) is updated by
 ``torch.optim.AdamW``'s own functional kernel, bitwise as ``torch.optim.AdamW`` would.
+
+Before anything changes, the gradients are checked for NaN/Inf (``nonfinite``, see
+:mod:`riemannlora.optim.guard`). Factors sharded by FSDP2 (DTensors) take
+:func:`riemannlora.distributed.manifold_step_sharded`, the same step up to summation order; the
+momentum of such layers is stored as DTensors (``momentum_left`` sharded like ``lora_B``,
+``momentum_right`` replicated). A step with ``lr == 0`` (e.g. the first warmup step) updates the
+momentum and leaves the point exactly as it is.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from riemannlora import distributed
 from riemannlora.geometry import (
     _cast,
     _retract_qr_,
@@ -55,6 +63,7 @@ from riemannlora.geometry import (
 )
 from riemannlora.manifold import ManifoldLayer, group_indices, to_manifold
 from riemannlora.optim.functional import adamw_from_group
+from riemannlora.optim.guard import NonFiniteGuard
 from riemannlora.optim.scaled import _check_number
 
 __all__ = ["SCALE_LR_CHOICES", "RiemannianSGD", "Riemannion", "lr_multiplier", "manifold_step"]
@@ -316,7 +325,7 @@ def _check_beta(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
 
 
-class _ManifoldOptimizer(torch.optim.Optimizer):
+class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
     """Shared plumbing of :class:`Riemannion` and :class:`RiemannianSGD`."""
 
     _orthogonalize: bool = True
@@ -335,6 +344,7 @@ class _ManifoldOptimizer(torch.optim.Optimizer):
         adamw_eps: float,
         adamw_weight_decay: float,
         generator: torch.Generator | None,
+        nonfinite: str = "skip",
     ) -> None:
         cls = type(self).__name__
         if not isinstance(model, nn.Module):
@@ -357,6 +367,7 @@ class _ManifoldOptimizer(torch.optim.Optimizer):
             _check_beta(f"adamw_betas[{k}]", beta)
         _check_number("adamw_eps", adamw_eps, low=0.0)
         _check_number("adamw_weight_decay", adamw_weight_decay, low=0.0)
+        self._init_guard(nonfinite)
 
         layers = to_manifold(model, generator=generator)
         in_layers = {id(p) for layer in layers for p in (layer.a, layer.b)}
@@ -397,6 +408,13 @@ class _ManifoldOptimizer(torch.optim.Optimizer):
             )
         super().__init__(groups, defaults)
         self._layers: list[ManifoldLayer] = layers
+        names = {id(p): n for n, p in model.named_parameters()}
+        self._names = {
+            id(p): names.get(id(p), f"parameter of shape {tuple(p.shape)}") for p in others
+        }
+        for layer in layers:
+            self._names[id(layer.a)] = f"{layer.name}.lora_A"
+            self._names[id(layer.b)] = f"{layer.name}.lora_B"
         # per group of equal-shape layers: the stacked momentum buffers of the last step and the
         # views of them held in self.state (reused while the state still holds those views)
         self._momentum_cache: dict[tuple[Any, ...], tuple[Tensor, Tensor, Any, Any]] = {}
@@ -405,11 +423,21 @@ class _ManifoldOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimization step (``closure`` re-evaluates the model, as in torch)."""
+        """Perform one optimization step (``closure`` re-evaluates the model, as in torch).
+
+        Nothing changes when a gradient is not finite (``nonfinite="skip"``: ``skipped_steps``
+        goes up; ``"raise"``: :class:`~riemannlora.optim.guard.NonFiniteError`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        names = lambda: [  # noqa: E731
+            f"gradient of {self._names.get(id(p), 'a parameter')}" for p in params
+        ]
+        if not self._step_allowed(grads, names, sharded_like=params):
+            return loss
         for group in self.param_groups:
             if group["manifold"]:
                 self._manifold_step(group)
@@ -435,29 +463,76 @@ class _ManifoldOptimizer(torch.optim.Optimizer):
             if a.grad is None or b.grad is None:
                 raise RuntimeError(f"{layer.name!r}: only one of lora_A/lora_B has a gradient")
             active.append(k)
-            keys.append((b.shape[0], a.shape[1], ranks[k], offsets[k], a.dtype, a.device))
+            pg = distributed.pair_group(a, b, repr(layer.name))
+            keys.append((b.shape[0], a.shape[1], ranks[k], offsets[k], a.dtype, a.device, pg))
         lr, wd, beta = float(group["lr"]), group["weight_decay"], group["momentum"]
+        sharded: dict[Any, list[tuple[tuple[Any, ...], distributed.ShardedManifoldGroup]]] = {}
         for key, idx in group_indices(keys).items():
-            m, n, r, _, dtype, _ = key
+            m, n, r, _, dtype, _, pg = key
             ks = [active[i] for i in idx]
             A = [params[2 * k] for k in ks]
             B = [params[2 * k + 1] for k in ks]
-            step_lr = lr * lr_multiplier(group.get("scale_lr"), m, n)
+            mult = lr_multiplier(group.get("scale_lr"), m, n)
             kw = {
-                "lr": step_lr,
+                "lr": lr * mult,
                 # decoupled decay with the unscaled lr, as torch's Muon: X (1 - lr wd) - step_lr D
-                "weight_decay": wd * lr / step_lr,
+                # (written as wd / mult so that lr = 0, e.g. at the start of a warmup, works)
+                "weight_decay": wd / mult,
                 "momentum": beta,
                 "dampening": beta if self._damped else 0.0,
                 "nesterov": group["nesterov"],
                 "orthogonalize": self._orthogonalize,
                 "store_orthogonalized": group.get("store_orthogonalized", False),
             }
+            if pg is not None:
+                sharded.setdefault(pg, []).append((key, self._sharded_group(A, B, r, kw)))
+                continue
             if 2 * r <= min(m, n):
                 self._structured_group(key, A, B, kw)
             else:
                 self._literal_group(A, B, m, n, r, dtype, kw)
             self._count_step(key, B)
+        for pg, items in sharded.items():
+            distributed.manifold_step_sharded([g for _, g in items], pg)
+            for key, g in items:
+                self._store_sharded_momentum(g)
+                self._count_step(key, g.B)
+
+    def _sharded_group(
+        self, A: list[Tensor], B: list[Tensor], r: int, kw: dict[str, Any]
+    ) -> distributed.ShardedManifoldGroup:
+        """A group of FSDP2-sharded layers with its momentum (local rows of the left factors,
+        whole right factors) for :func:`riemannlora.distributed.manifold_step_sharded`."""
+        Pm = Rmt = None
+        lefts = [self.state[b].get("momentum_left") for b in B]
+        rights = [self.state[a].get("momentum_right") for a in A]
+        present = [x for x in lefts if x is not None]
+        if kw["momentum"] and present:
+            ref = distributed.local(present[0])
+            Pm = torch.stack(
+                [
+                    ref.new_zeros(distributed.local(b).shape[0], 2 * r)
+                    if x is None
+                    else distributed.local(x)
+                    for b, x in zip(B, lefts)
+                ]
+            )
+            n = A[0].shape[1]
+            Rmt = torch.stack(
+                [ref.new_zeros(2 * r, n) if x is None else distributed.local(x).mT for x in rights]
+            )
+        cdt = compute_dtype(distributed.local(A[0]), *([] if Pm is None else [Pm]))
+        return distributed.ShardedManifoldGroup(A, B, r, kw, Pm, Rmt, cdt)
+
+    def _store_sharded_momentum(self, g: distributed.ShardedManifoldGroup) -> None:
+        """The new momentum of a sharded group as DTensors: ``momentum_left`` ``(m, 2r)``
+        row-sharded like ``lora_B``, ``momentum_right`` ``(n, 2r)`` replicated."""
+        if g.P_out is None or g.Rt_out is None:
+            return
+        r = g.rank
+        for j, (a, b) in enumerate(zip(g.A, g.B)):
+            self.state[b]["momentum_left"] = distributed.wrap_rows(g.P_out[j], b, (g.m, 2 * r))
+            self.state[a]["momentum_right"] = distributed.wrap_replicated(g.Rt_out[j].mT, a)
 
     def _count_step(self, key: tuple[Any, ...], B: list[Tensor]) -> None:
         """``state[b]["step"] += 1`` for a group: the counters are 0-d views of one tensor per
@@ -505,10 +580,12 @@ class _ManifoldOptimizer(torch.optim.Optimizer):
             Pm = U.new_empty(U.shape[0], U.shape[1], 2 * r)
             Rmt = U.new_empty(U.shape[0], 2 * r, Qt.shape[-1])
         U_new, V_new, Q_new = _structured_step(U, Qt, Vt, GQ, GtUt, Pold, Rtold, Pm, Rmt, **kw)
-        # straight into the parameters, per layer (cheaper than assembling whole new tensors)
-        torch._foreach_copy_(u_views, list(U_new.to(dtype).unbind(0)))
-        torch._foreach_copy_(q_views, list(Q_new.mT.to(dtype).unbind(0)))
-        torch._foreach_copy_(v_views, list(V_new.mT.to(dtype).unbind(0)))
+        # straight into the parameters, per layer (cheaper than assembling whole new tensors);
+        # lr = 0 (e.g. the first warmup step) keeps the point exactly, the momentum still moves
+        if kw["lr"] != 0:
+            torch._foreach_copy_(u_views, list(U_new.to(dtype).unbind(0)))
+            torch._foreach_copy_(q_views, list(Q_new.mT.to(dtype).unbind(0)))
+            torch._foreach_copy_(v_views, list(V_new.mT.to(dtype).unbind(0)))
         if Pm is None or Rmt is None or not fresh:
             return  # no momentum, or updated in place: the state holds views of Pm, Rmt
         lefts, rights = Pm.unbind(0), Rmt.mT.unbind(0)
@@ -596,9 +673,10 @@ class _ManifoldOptimizer(torch.optim.Optimizer):
             U, V, Q, GQ, GtU, Pm, Rm, structured=False, **kw
         )
         torch._foreach_zero_([b[:, :r] for b in B])  # Z1 stays 0
-        torch._foreach_copy_([b[:, r : 2 * r] for b in B], list(U_new.to(dtype).unbind(0)))
-        torch._foreach_copy_([a[:r] for a in A], list(Q_new.mT.to(dtype).unbind(0)))
-        torch._foreach_copy_([a[r : 2 * r] for a in A], list(V_new.mT.to(dtype).unbind(0)))
+        if kw["lr"] != 0:  # lr = 0 keeps the point exactly
+            torch._foreach_copy_([b[:, r : 2 * r] for b in B], list(U_new.to(dtype).unbind(0)))
+            torch._foreach_copy_([a[:r] for a in A], list(Q_new.mT.to(dtype).unbind(0)))
+            torch._foreach_copy_([a[r : 2 * r] for a in A], list(V_new.mT.to(dtype).unbind(0)))
         if Pm_new is not None and Rm_new is not None:
             for j, (a, b) in enumerate(zip(A, B)):
                 self.state[b]["momentum_left"] = Pm_new[j]
@@ -671,9 +749,15 @@ class Riemannion(_ManifoldOptimizer):
     use :func:`riemannlora.export_adapter` (or ``model.save_pretrained``, which is redirected to
     it) to save a standard PEFT adapter.
 
-    Gradient clipping: ``clip_grad_norm_`` over the converted model also counts gradient blocks
-    the optimizer ignores (``dL/dU``, ``dL/dQ``, offsets), so it does not clip the Riemannian
-    gradient exactly.
+    Gradient clipping: use :func:`riemannlora.clip_grad_norm_` (``RiemannTrainer`` does). It clips
+    by the norm of the Riemannian gradient ``P_X(G)``; ``torch.nn.utils.clip_grad_norm_`` over
+    the converted model also counts gradient blocks the optimizer ignores (``dL/dU``, offsets).
+
+    Distributed: under DDP nothing is needed (convert the model, e.g. by creating the optimizer,
+    *before* wrapping it). Under FSDP2 the factors may be sharded DTensors: the step is the
+    single-process step up to summation order (:mod:`riemannlora.distributed`); convert the model
+    with :func:`riemannlora.to_manifold` (or :func:`riemannlora.init_loi`) before
+    ``fully_shard``.
 
     Args:
         model: the PEFT model (``peft.PeftModel``) with LoRA on Linear layers.
@@ -687,6 +771,9 @@ class Riemannion(_ManifoldOptimizer):
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: ``torch.optim.AdamW`` settings of
             all other trainable parameters (``adamw_lr`` defaults to ``lr``).
         generator: draws the random orthonormal U of adapters converted from ``lora_B == 0``.
+        nonfinite: what a step with NaN/Inf gradients does: ``"skip"`` it (default; nothing
+            changes, ``skipped_steps`` goes up), ``"raise"``, or ``"off"`` (no check). See
+            :mod:`riemannlora.optim.guard`.
     """
 
     _orthogonalize = True
@@ -707,6 +794,7 @@ class Riemannion(_ManifoldOptimizer):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
         generator: torch.Generator | None = None,
+        nonfinite: str = "skip",
     ) -> None:
         _check_bool("store_orthogonalized", store_orthogonalized)
         if scale_lr not in SCALE_LR_CHOICES:
@@ -723,6 +811,7 @@ class Riemannion(_ManifoldOptimizer):
             adamw_eps,
             adamw_weight_decay,
             generator,
+            nonfinite,
         )
 
 
@@ -753,6 +842,7 @@ class RiemannianSGD(_ManifoldOptimizer):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
         generator: torch.Generator | None = None,
+        nonfinite: str = "skip",
     ) -> None:
         super().__init__(
             model,
@@ -766,4 +856,5 @@ class RiemannianSGD(_ManifoldOptimizer):
             adamw_eps,
             adamw_weight_decay,
             generator,
+            nonfinite,
         )
