@@ -249,9 +249,7 @@ def write_samples(out: pathlib.Path, results: dict[str, Any]) -> dict[str, Any]:
                 ax.set_title(f"lr {lr:.3g}", fontsize=8)
             if j == 0:
                 ax.set_ylabel(method, fontsize=8)
-    fig.suptitle(
-        "top rows: subject prompt; last row: known classes", fontsize=8
-    )
+    fig.suptitle("top rows: subject prompt; last row: known classes", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "samples.png")
     plt.close(fig)
