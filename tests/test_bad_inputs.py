@@ -114,6 +114,16 @@ def corrupt_state(ctx: Ctx) -> dict:
     return sd
 
 
+def exported_adapter(ctx: Ctx, **net) -> object:
+    """An adapter exported by ``export_adapter`` from a Riemannion-trained model built with
+    ``peft_net(**net)`` (another rank or other layers than ctx.model's)."""
+    other = peft_net(**net)
+    opt = rl.Riemannion(other, lr=1e-2)
+    backward(other)
+    opt.step()
+    return rl.export_adapter(other, ctx.tmp / "exported")
+
+
 def save_other_model(ctx: Ctx):
     other = peft_net(targets=("l1",))
     return save_checkpoint(ctx.tmp / "other.pt", model=other)
@@ -301,6 +311,26 @@ CASES: dict[str, tuple[Callable[[Ctx], Callable[[], object]], type[Exception], s
         lambda c: lambda: c.opt.add_param_group({"params": [c.lora()]}),
         ValueError,
         "more than one parameter group",
+    ),
+    # --- exported adapters (the model is converted only after every layer checks out)
+    "exported-adapter-of-another-rank": (
+        lambda c: (lambda path: lambda: rl.load_exported_adapter(c.model, path))(
+            exported_adapter(c, r=2)
+        ),
+        ValueError,
+        "has rank 4, the export has 2",
+    ),
+    "exported-adapter-of-another-base": (
+        lambda c: (lambda path: lambda: rl.load_exported_adapter(c.model, path))(
+            exported_adapter(c, targets=("l1",))
+        ),
+        ValueError,
+        "holds no manifold weights for LoRA layer",
+    ),
+    "plain-directory-as-exported-adapter": (
+        lambda c: lambda: rl.load_exported_adapter(c.model, c.tmp),
+        ValueError,
+        "is not an adapter exported by riemannlora.export_adapter",
     ),
     # --- step
     "closure-not-callable": (lambda c: lambda: c.opt.step(42), TypeError, "closure must be call"),

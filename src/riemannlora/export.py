@@ -306,6 +306,29 @@ def load_exported_adapter(
     names = {id(mod): name for name, mod in model.named_modules()}
     with_offset = any(v.get("offset") for v in layers_info.values())
     targets = [t for t in lora_targets(model) if t.adapter == adapter_name]
+    # check every layer against the export before anything changes (wrong base, rank, ...)
+    plan = []
+    for t in targets:
+        base_path, full = base_paths[id(t.module)], names[id(t.module)]
+        entry = layers_info.get(base_path)
+        keys = (f"{full}.lora_A.weight", f"{full}.lora_B.weight")
+        if entry is None or not all(k in state for k in keys):
+            raise ValueError(
+                f"{str(path)!r} holds no manifold weights for LoRA layer {t.name!r}: it "
+                "was exported from another model or configuration"
+            )
+        r, offset = int(entry["rank"]), bool(entry["offset"])
+        if r != t.rank:
+            raise ValueError(f"LoRA layer {t.name!r} has rank {t.rank}, the export has {r}")
+        a_exp, b_exp = state[keys[0]], state[keys[1]]  # [V | -V0]^T, [U | U0]
+        width = 2 * r if offset else r
+        if tuple(a_exp.shape) != (width, t.n) or tuple(b_exp.shape) != (t.m, width):
+            raise ValueError(
+                f"LoRA layer {t.name!r}: the export's factors have shapes "
+                f"{tuple(a_exp.shape)}, {tuple(b_exp.shape)}, expected "
+                f"{(width, t.n)}, {(t.m, width)}: it was exported from another base model"
+            )
+        plan.append((t.module, t.path, base_path, keys, a_exp, b_exp, r, width))
     if any(
         not t.converted or (with_offset and not ManifoldLayer(t.module, t.adapter, t.path).offset)
         for t in targets
@@ -313,33 +336,9 @@ def load_exported_adapter(
         to_manifold(model, with_offset=with_offset)
     seen = set()
     with torch.no_grad():
-        for t in lora_targets(model):
-            if t.adapter != adapter_name:
-                continue
-            layer = ManifoldLayer(t.module, t.adapter, t.path)
-            base_path = base_paths[id(t.module)]
-            entry = layers_info.get(base_path)
-            full = names[id(t.module)]
-            keys = (f"{full}.lora_A.weight", f"{full}.lora_B.weight")
-            if entry is None or not all(k in state for k in keys):
-                raise ValueError(
-                    f"{str(path)!r} holds no manifold weights for LoRA layer {layer.name!r}: it "
-                    "was exported from another model or configuration"
-                )
-            r, offset = int(entry["rank"]), bool(entry["offset"])
-            if r != layer.rank:
-                raise ValueError(
-                    f"LoRA layer {layer.name!r} has rank {layer.rank}, the export has {r}"
-                )
-            a_exp, b_exp = state[keys[0]], state[keys[1]]  # [V | -V0]^T, [U | U0]
+        for module, module_path, base_path, keys, a_exp, b_exp, r, width in plan:
+            layer = ManifoldLayer(module, adapter_name, module_path)
             a, b = layer.a, layer.b
-            width = 2 * r if offset else r
-            if tuple(a_exp.shape) != (width, layer.n) or tuple(b_exp.shape) != (layer.m, width):
-                raise ValueError(
-                    f"LoRA layer {layer.name!r}: the export's factors have shapes "
-                    f"{tuple(a_exp.shape)}, {tuple(b_exp.shape)}, expected "
-                    f"{(width, layer.n)}, {(layer.m, width)}"
-                )
             q = bases.get(base_path)
             if q is None:
                 q = orthonormal_basis(a_exp[:r].mT.to(torch.float64)).mT
