@@ -43,7 +43,8 @@ initial value to 0 over the run (:mod:`riemannlora.bench.runner`). The peak lear
     on the first training batch, then ``init_lora_weights="lora_ga"`` with
     ``LoraGAConfig()`` (direction ``ArB2r``, scale ``stable``, gamma 16).
 
-Learning rates: ``default_lr[kind]`` for ``kind`` in (``"classification"``, ``"causal"``) is the
+Learning rates: ``default_lr[kind]`` for ``kind`` in (``"classification"``, ``"causal"``,
+``"diffusion"``) is the
 single learning rate of the default run; the sweep grid is :func:`lr_grid` around it: 7 points,
 half a decade apart, three decades in all. The classification lrs of the four main methods were
 tuned on MultiEmo + MiniLM (r 8, batch 16, linear decay, seed 0; final eval loss on the 256
@@ -64,6 +65,11 @@ seed per cell: differences of a few hundredths are within seed noise, which is w
 ``full`` preset's three seeds measure. The other methods' lrs
 and all causal-LM lrs are educated guesses (typical LoRA values; SGD-type methods at the
 scale where ScaledSGD trains MiniLM), placed so that the 3-decade grid brackets the optimum.
+
+Diffusion lrs: the four main methods' lr with the lowest final eval loss at seed 0 in the sweep
+``riemannlora bench --task diffusion --lrs 1e-4,3e-4,1e-3,3e-3,1e-2,3e-2 --seeds 0,1,2``
+(BENCHMARKS.md): AdamW and ScaledAdamW 3e-3, Riemannion (+ LOI) 1e-2. The other methods use
+their classification lr there (untuned).
 """
 
 from __future__ import annotations
@@ -286,7 +292,7 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         _m("sgd", "torch SGD, momentum 0", _sgd, 1.0, 0.3),
-        _m("adamw", f"torch AdamW, {_ADAM}", _adamw, 3e-3, 5e-4),
+        _m("adamw", f"torch AdamW, {_ADAM}", _adamw, 3e-3, 5e-4, 3e-3),
         _m("loraplus", "LoRA+ (peft), AdamW, lora_B and 1-D params at 16 lr", _loraplus,
            2e-4, 1e-4),
         _m("peft-riemannian", "peft create_riemannian_optimizer(AdamW, reg=1e-2)",
@@ -295,13 +301,13 @@ METHODS: dict[str, Method] = {
            "factors, AdamW on the head", _muon, 1e-3, 5e-4),
         _m("scaled-sgd", "riemannlora ScaledSGD, reg 1e-6, scale-aware", _scaled_sgd, 0.3, 0.1),
         _m("scaled-adamw", f"riemannlora ScaledAdamW, reg 1e-6, scale-aware, {_ADAM}",
-           _scaled_adamw, 1e-3, 5e-4),
+           _scaled_adamw, 1e-3, 5e-4, 3e-3),
         _m("riemannian-sgd", "riemannlora RiemannianSGD, momentum 0.9; head: AdamW at the "
            "adamw default lr", _riemannian_sgd, 1.0, 0.3, requires=("RiemannianSGD",)),
         _m("riemannion", "riemannlora Riemannion, momentum 0.9, scale_lr=match_adamw; head: "
-           "AdamW at lr", _riemannion, 3e-3, 5e-4, requires=("Riemannion",)),
+           "AdamW at lr", _riemannion, 3e-3, 5e-4, 1e-2, requires=("Riemannion",)),
         _m("riemannion-loi", "init_loi (oversampling 16, 1 power iteration) on the first "
-           "batch, then riemannion", _riemannion, 3e-3, 5e-4, init="loi",
+           "batch, then riemannion", _riemannion, 3e-3, 5e-4, 1e-2, init="loi",
            requires=("Riemannion", "init_loi")),
         _m("pissa", "AdamW from PEFT's PiSSA init (exact SVD)", _adamw, 2e-4, 1e-4,
            init="pissa"),
