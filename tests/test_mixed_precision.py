@@ -157,3 +157,55 @@ def test_clipping_before_step_is_what_the_optimizer_sees(opt_name):
         assert all(torch.equal(p.grad, g) for p, g in zip(params, after_clip))
     for p, q in zip(clipped.parameters(), manual.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# the manifold optimizers (geometry in float32 or float64, whatever the model's dtype)
+# --------------------------------------------------------------------------------------------
+
+MANIFOLD = {
+    "Riemannion": lambda m: rl.Riemannion(m, lr=1e-2, generator=torch.Generator().manual_seed(0)),
+    "RiemannianSGD": lambda m: rl.RiemannianSGD(
+        m, lr=0.1, generator=torch.Generator().manual_seed(0)
+    ),
+}
+
+
+@pytest.mark.parametrize("opt_name", sorted(MANIFOLD))
+def test_manifold_bf16_autocast_and_scheduler_track_float32_training(opt_name):
+    x, y = data()
+    runs = []
+    for autocast in (False, True):
+        model = peft_net()
+        opt = MANIFOLD[opt_name](model)
+        sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.1, total_iters=5)
+        for _ in range(5):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(opt.defaults["lr"] * 0.1)
+        with torch.no_grad():  # the factors are defined up to rotations: compare the function
+            runs.append(model(x))
+    assert torch.isfinite(runs[1]).all()
+    assert (runs[1] - runs[0]).norm() < 0.05 * runs[0].norm()  # bf16 matmuls, same trajectory
+
+
+@pytest.mark.parametrize("opt_name", sorted(MANIFOLD))
+def test_manifold_gradient_accumulation_equals_the_full_batch_step(opt_name):
+    x, y = data(dtype=torch.float64)
+    full = peft_net(torch.float64)
+    accum = copy.deepcopy(full)
+    opt_full, opt_accum = MANIFOLD[opt_name](full), MANIFOLD[opt_name](accum)
+    for _ in range(3):
+        opt_full.zero_grad()
+        nn.functional.cross_entropy(full(x), y).backward()
+        opt_full.step()
+        opt_accum.zero_grad()
+        for xs, ys in zip(x.chunk(4), y.chunk(4)):
+            (nn.functional.cross_entropy(accum(xs), ys) / 4).backward()
+        opt_accum.step()
+    with torch.no_grad():  # factors are fixed only up to rotations/signs: compare the function
+        torch.testing.assert_close(accum(x), full(x), rtol=1e-9, atol=1e-11)
