@@ -12,7 +12,7 @@ hidden states are the cross-attention context, padding masked). Training is DDPM
 captions dropped for classifier-free guidance and an EMA of the weights; sampling is DDIM
 (``diffusers.DDIMScheduler``, 25 steps, guidance 3). The result is cached under
 ``<riemannlora cache>/diffusion/<name>-<hash>/`` (:func:`riemannlora.assets.cache_dir`) and
-built once per machine (about 15-20 minutes on 2 CPU cores for :data:`PRETRAIN_CONFIGS`
+built once per machine (measured: 18 minutes on 2 idle CPU cores for :data:`PRETRAIN_CONFIGS`
 ``"default"``; seconds for ``"tiny"``, the configuration of the quick run and the tests).
 
 Alongside the UNet the cache keeps:
