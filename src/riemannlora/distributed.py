@@ -369,9 +369,9 @@ def manifold_step_sharded(groups: Sequence[ShardedManifoldGroup], group: Any) ->
         TangentQR,
         _cholesky_factors,
         _cholesky_qr,
-        _small_top_svd,
         msign_tangent_qr,
         qr_positive,
+        retraction_core,
         tangent_qr_to_factors,
     )
     from riemannlora.optim.riemannion import manifold_step
@@ -500,19 +500,7 @@ def manifold_step_sharded(groups: Sequence[ShardedManifoldGroup], group: Any) ->
                 s["A"] = (chol[1] @ s["R1"]).to(g.cdt)
         if not s["ok"]:
             fallback.append(g)
-    if fallback:
-        full = gather_rows(
-            [u for g in fallback for u in g.s["uU"].unbind(0)],
-            [torch.Size((g.m, g.rank)) for g in fallback for _ in g.A],
-            group,
-        )
-        pos = 0
-        for g in fallback:
-            L = len(g.A)
-            Qd, A = _positive_qr(torch.stack(full[pos : pos + L]))
-            pos += L
-            lo, hi = g.s["rows"]
-            g.s["Qd"], g.s["A"] = Qd[:, lo:hi], A
+    _gathered_qr(fallback, "uU", ("Qd", "A"), _positive_qr, group)
 
     # -- phase 5: msign on the 2r x 2r core (replicated), the retraction's core SVD and the
     # new left factor's rows; ONE all-reduce of their Grams
@@ -529,16 +517,7 @@ def manifold_step_sharded(groups: Sequence[ShardedManifoldGroup], group: Any) ->
             )
             g.P_out = torch.cat([mU, s["U"]], dim=-1)
             g.Rt_out = torch.cat([s["Qt"], mV.mT], dim=-2)
-        lr, wd = kw["lr"], kw["weight_decay"]
-        E = (1.0 - lr * wd) * (Q.mT @ V) - lr * t.B
-        K = torch.cat(
-            [
-                torch.cat([E.mT, -lr * t.C.mT], -1),
-                torch.cat([-lr * t.A, torch.zeros_like(t.A)], -1),
-            ],
-            -2,
-        )
-        Ur, Vr, S = _small_top_svd(K, r)
+        Ur, Vr, S = retraction_core(V, Q, t, kw["lr"], kw["weight_decay"])
         s["U_raw"] = s["U"] @ Ur[..., :r, :] + t.Qd @ Ur[..., r:, :]
         s["Vr"], s["S"], s["t"] = Vr, S, t
         s["G3"] = s["U_raw"].mT @ s["U_raw"]
@@ -554,19 +533,7 @@ def manifold_step_sharded(groups: Sequence[ShardedManifoldGroup], group: Any) ->
             fallback.append(g)
         else:
             s["U_new"], s["Ru"] = s["U_raw"] @ chol[0], chol[1]
-    if fallback:
-        full = gather_rows(
-            [u for g in fallback for u in g.s["U_raw"].unbind(0)],
-            [torch.Size((g.m, g.rank)) for g in fallback for _ in g.A],
-            group,
-        )
-        pos = 0
-        for g in fallback:
-            L = len(g.A)
-            U_new, Ru = torch.linalg.qr(torch.stack(full[pos : pos + L]))
-            pos += L
-            lo, hi = g.s["rows"]
-            g.s["U_new"], g.s["Ru"] = U_new[:, lo:hi], Ru
+    _gathered_qr(fallback, "U_raw", ("U_new", "Ru"), torch.linalg.qr, group)
     for g in structured:
         r, s = g.rank, g.s
         Q, Qv, Vr, S, Ru = s["Qt"].mT, s["Qv"], s["Vr"], s["S"], s["Ru"]
@@ -598,3 +565,23 @@ def manifold_step_sharded(groups: Sequence[ShardedManifoldGroup], group: Any) ->
                 if lo < top:
                     al[: top - lo].copy_(new_rows[j, lo:top])
         g.s = {}
+
+
+def _gathered_qr(groups: list, key: str, out: tuple[str, str], qr: Callable, group: Any) -> None:
+    """The degenerate-step fallback: gather the row-sharded ``(m, r)`` tensors ``s[key]`` of
+    ``groups`` whole (one all-gather), QR them on every rank and keep this rank's rows of the
+    Q factor: ``s[out[0]]`` (rows) and ``s[out[1]]`` (the small R, replicated)."""
+    if not groups:
+        return
+    full = gather_rows(
+        [u for g in groups for u in g.s[key].unbind(0)],
+        [torch.Size((g.m, g.rank)) for g in groups for _ in g.A],
+        group,
+    )
+    pos = 0
+    for g in groups:
+        L = len(g.A)
+        Qf, R = qr(torch.stack(full[pos : pos + L]))
+        pos += L
+        lo, hi = g.s["rows"]
+        g.s[out[0]], g.s[out[1]] = Qf[:, lo:hi], R

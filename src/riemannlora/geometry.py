@@ -418,6 +418,25 @@ def retract_qr(
     return _retract_qr_(U, V, Q, t, lr, weight_decay)
 
 
+def retraction_core(
+    V: Tensor, Q: Tensor, t: TangentQR, lr: float | Tensor, weight_decay: float | Tensor = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The retraction's small step: the top-r SVD ``(Ur, Vr, S)`` of the ``2r x 2r`` core
+    ``K`` of ``X - lr (xi + weight_decay X)`` in the bases ``[U | Qd]`` and ``[Q | Qv]``. Only
+    replicated ``r``-sized blocks enter, so sharded callers (FSDP2) share it."""
+    r = V.shape[-1]
+    E = (1.0 - lr * weight_decay) * (Q.mT @ V) - lr * t.B
+    K = torch.cat(
+        [
+            torch.cat([E.mT, -lr * t.C.mT], -1),
+            torch.cat([-lr * t.A, torch.zeros_like(t.A)], -1),
+        ],
+        -2,
+    )
+    Ur, Vr, S = _small_top_svd(K, r)
+    return Ur, Vr, S
+
+
 def _retract_qr_(
     U: Tensor,
     V: Tensor,
@@ -433,15 +452,7 @@ def _retract_qr_(
     V, Q, ``t.Qv`` column-major) and ``scratch`` (a contiguous tensor with U's shape) for
     ``[U | Qd] Uc``: no tall allocation on the fast path."""
     r = U.shape[-1]
-    E = (1.0 - lr * weight_decay) * (Q.mT @ V) - lr * t.B
-    K = torch.cat(
-        [
-            torch.cat([E.mT, -lr * t.C.mT], -1),
-            torch.cat([-lr * t.A, torch.zeros_like(t.A)], -1),
-        ],
-        -2,
-    )
-    Ur, Vr, S = _small_top_svd(K, r)
+    Ur, Vr, S = retraction_core(V, Q, t, lr, weight_decay)
     # U_raw = [U | Qd] Ur, column-major (computed transposed: BLAS accumulates into a wide
     # (r, m) output about twice as fast as into a tall (m, r) one)
     out = None if scratch is None else scratch.view(*scratch.shape[:-2], r, scratch.shape[-2])
