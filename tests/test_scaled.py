@@ -421,3 +421,80 @@ def test_stacked_and_per_pair_paths_agree(dtype):
     tol = 1e-12 if dtype == torch.float64 else 1e-4  # float32: different summation orders
     for x, y in zip(da1 + db1[1:], da2 + db2[1:]):
         torch.testing.assert_close(x, y, rtol=tol, atol=tol * y.abs().max().item())
+
+
+def _kernel_flags(opt):
+    return [(g["lora"], g["fused"], g["foreach"]) for g in opt.param_groups]
+
+
+def test_lora_factors_use_the_fused_kernel_by_default_others_follow_torch():
+    pairs = make_pairs(SHAPES[:2], SCALINGS[:2], dtype=torch.float32)
+    head = nn.Parameter(torch.randn(3, 4))
+    opt = rl.ScaledAdamW(LoraParams(pairs, [head]), lr=1e-2)
+    assert _kernel_flags(opt) == [(True, True, None), (False, None, None)]
+    assert _kernel_flags(rl.ScaledAdamW(LoraParams(pairs, [head]), lr=1e-2, foreach=True)) == [
+        (True, None, True),
+        (False, None, True),
+    ]
+    assert _kernel_flags(rl.ScaledAdamW(LoraParams(pairs, [head]), lr=1e-2, fused=False))[0] == (
+        True,
+        False,
+        None,
+    )
+    assert _kernel_flags(rl.ScaledAdamW(LoraParams(pairs, [head]), lr=1e-2, fused=True)) == [
+        (True, True, None),
+        (False, True, None),
+    ]
+    with pytest.raises(ValueError, match="cannot be used together"):
+        rl.ScaledAdamW(LoraParams(pairs, [head]), lr=1e-2, foreach=True, fused=True)
+    # a LoRA group added later gets the same default
+    more = make_pairs(SHAPES[2:3], SCALINGS[2:3], dtype=torch.float32, seed=3)
+    opt.add_param_group(
+        {"params": [more[0].a, more[0].b], "lora": True, "scalings": [more[0].scaling]}
+    )
+    assert opt.param_groups[-1]["fused"] is True
+    # GradScaler must unscale itself: the fused kernel's own AMP unscaling is never used
+    assert not getattr(opt, "_step_supports_amp_scaling", False)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_and_foreach_kernels_agree(amsgrad, dtype):
+    """Same trajectory (up to rounding) whichever torch kernel updates the LoRA factors."""
+    runs = []
+    for kernel in ({"fused": True}, {"foreach": True}, {"foreach": False, "fused": False}):
+        pairs = make_pairs(SHAPES, SCALINGS, dtype=dtype, seed=11)
+        opt = rl.ScaledAdamW(pairs, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, **kernel)
+        g = torch.Generator().manual_seed(5)
+        for _ in range(4):
+            for pair in pairs:
+                for p in (pair.a, pair.b):
+                    p.grad = torch.randn(p.shape, generator=g).to(dtype)
+            opt.step()
+        runs.append([p.detach().float() for pair in pairs for p in (pair.a, pair.b)])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for other in runs[1:]:
+        for x, y in zip(runs[0], other):
+            torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+
+
+def test_fused_default_under_grad_scaler_and_resume():
+    """GradScaler unscales the raw gradients and skips overflowing steps; the fused state
+    (device step counters) saves and loads."""
+    model = tiny_peft()
+    opt = rl.ScaledAdamW(model, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x = torch.randn(16, 8)
+    for k in range(3):
+        opt.zero_grad()
+        loss = model(x).pow(2).mean() * (float("inf") if k == 1 else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    steps = {float(s["step"]) for s in opt.state.values()}
+    assert steps == {2.0}  # the overflowing step was skipped by the scaler, not by the guard
+    assert opt.skipped_steps == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    fresh = rl.ScaledAdamW(model, lr=1e-2)
+    fresh.load_state_dict(opt.state_dict())
+    assert all(s["step"].dtype == torch.float32 for s in fresh.state.values())

@@ -71,7 +71,10 @@ class _ScaledMixin(NonFiniteGuard):
 
     param_groups: list[dict[str, Any]]
     state: dict
+    defaults: dict[str, Any]
     _names: dict[int, str]
+    #: Whether LoRA groups default to torch's fused kernel (``fused=None``).
+    _fuse_lora = False
 
     def _extra_defaults(self, reg: float, scale_aware: bool, gram_dtype) -> dict[str, Any]:
         _check_number("reg", reg, low=0.0)
@@ -109,6 +112,12 @@ class _ScaledMixin(NonFiniteGuard):
                 )
             for k in range(len(scalings)):  # validates shapes (raises on mismatched pairs)
                 LoraPair(params[2 * k], params[2 * k + 1], scalings[k], f"pair {k}")
+            if (
+                self._fuse_lora
+                and param_group.get("fused", self.defaults.get("fused")) is None
+                and param_group.get("foreach", self.defaults.get("foreach")) is not True
+            ):  # the LoRA factors get torch's single-pass kernel where it exists
+                param_group["fused"] = _fused_supported(params)
         super().add_param_group(param_group)  # type: ignore[misc]
 
     def _name(self, p: Tensor) -> str:
@@ -214,8 +223,14 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
     Args:
         model: the model (e.g. a ``peft.PeftModel``), ``find_lora_pairs(model)`` or a list of
             :class:`~riemannlora.LoraPair`.
-        lr, betas, eps, weight_decay, amsgrad, maximize, foreach: as ``torch.optim.AdamW``
+        lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``
             (``weight_decay`` defaults to 0, the usual LoRA setting).
+        foreach, fused: torch's kernel choice, as ``torch.optim.AdamW``. Non-LoRA parameters use
+            exactly torch's choice (so they match ``torch.optim.AdamW`` with the same flags
+            bitwise). The LoRA factors use torch's fused (single-pass) AdamW kernel by default,
+            where the device supports it; ``foreach=True`` or ``fused=False`` selects the
+            multi-tensor kernel for them too. ``fused=True`` does not make the optimizer unscale
+            AMP gradients itself: ``GradScaler`` unscales and skips steps as for any optimizer.
         reg: damping of the Gram matrices (``>= 0``).
         scale_aware: precondition with the effective factor ``s B`` (True) or ``B`` as in the
             paper (False).
@@ -225,6 +240,8 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
             ``skipped_steps``), ``"raise"``, or ``"off"`` (no check). See
             :mod:`riemannlora.optim.guard`.
     """
+
+    _fuse_lora = True
 
     def __init__(
         self,
@@ -240,10 +257,13 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
         amsgrad: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
         gram_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
     ) -> None:
         _check_number("lr", lr, low=0.0, strict=True)
+        if foreach and fused:
+            raise ValueError("foreach=True and fused=True cannot be used together (as in torch)")
         if not isinstance(betas, tuple | list) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         for k, beta in enumerate(betas):
@@ -267,7 +287,11 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
             amsgrad=amsgrad,
             maximize=maximize,
             foreach=foreach,
+            fused=fused,
         )
+        # GradScaler must unscale the raw gradients and skip steps itself: the preconditioner
+        # needs true gradients, so the fused kernel's own unscaling (amp) is never used.
+        self._step_supports_amp_scaling = False
         self.defaults.update(extra)
         self._init_names(params)
 
@@ -296,6 +320,14 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
         adamw_from_group(
             group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, has_complex
         )
+
+
+def _fused_supported(params: list[Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel runs on every one of ``params``."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = _get_fused_kernels_supported_devices()
+    return all(p.device.type in devices and p.dtype.is_floating_point for p in params)
 
 
 def _adam_without_bias_correction(
