@@ -63,6 +63,8 @@ def make_optimizer(name: str, model, lr: float = 1e-4):
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
+    if name == "adamw-fused":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
     if name == "muon":
         return torch.optim.Muon(params, lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
     if name == "riemannion":
@@ -78,7 +80,7 @@ def step_only(args) -> dict[str, float]:
     """1. optimizer.step() alone, on fixed real gradients."""
     out = {}
     setups = {}
-    for name in ("adamw", "muon", "riemannion"):
+    for name in ("adamw", "adamw-fused", "muon", "riemannion"):
         model, tok = build(args.rank, args.device)
         opt = make_optimizer(name, model)
         batch = batches(tok, 1, args.batch_size, args.device)[0]
@@ -182,6 +184,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--step-only", action="store_true", help="only time optimizer.step()")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -192,9 +195,12 @@ def main() -> None:
     print(
         f"\nRiemannion / AdamW = {step['riemannion'] / step['adamw']:.2f}x (target <= 2x); "
         f"Riemannion / per-factor Muon = {step['riemannion'] / step['muon']:.2f}x (target <= 0.3x); "
-        f"Muon / AdamW = {step['muon'] / step['adamw']:.2f}x\n",
+        f"Muon / AdamW = {step['muon'] / step['adamw']:.2f}x; "
+        f"Riemannion / fused AdamW = {step['riemannion'] / step['adamw-fused']:.2f}x\n",
         flush=True,
     )
+    if args.step_only:
+        return
     med, loi_ms = train_step(args)
     print("| training step (fwd+bwd+step) | median (ms) | vs AdamW-LoRA |\n|---|---|---|")
     for name, ms in med.items():
