@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import riemannlora as rl
 from riemannlora.manifold import manifold_layers
@@ -613,3 +614,29 @@ def test_zero_lr_keeps_the_point_and_moves_the_momentum(opt_cls):
     mlp_loss(model, data).backward()
     opt.step()
     assert not torch.equal(before_a, manifold_layers(model)[0].a)  # now it moves
+
+
+def test_add_param_group_plain_params_get_adamw():
+    """A plain group added later (a new head) is updated by torch's AdamW with the optimizer's
+    adamw_* settings, bitwise; LoRA groups cannot be added."""
+    _, model = peft_mlp(init=False)
+    opt = rl.Riemannion(model, lr=0.05, adamw_lr=1e-2, adamw_weight_decay=0.1)
+    extra = nn.Parameter(torch.randn(5, 3))
+    twin = nn.Parameter(extra.detach().clone())
+    opt.add_param_group({"params": [extra], "eps": 1e-6})
+    ref = torch.optim.AdamW([twin], lr=1e-2, weight_decay=0.1, eps=1e-6)
+    data = mlp_data()
+    for _ in range(3):
+        opt.zero_grad()
+        ref.zero_grad()
+        mlp_loss(model, data).backward()
+        extra.grad = torch.full_like(extra, 0.5)
+        twin.grad = torch.full_like(twin, 0.5)
+        opt.step()
+        ref.step()
+    assert torch.equal(extra, twin)
+    layer = manifold_layers(model)[0]
+    with pytest.raises(ValueError, match="already optimized"):
+        opt.add_param_group({"params": [layer.a]})
+    with pytest.raises(ValueError, match="create a new optimizer"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "manifold": True})

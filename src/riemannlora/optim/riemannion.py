@@ -414,26 +414,26 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
                 "offsets": [layer.offset for layer in layers],
             }
         ]
+        #: the settings of groups of plain parameters (AdamW), also for add_param_group
+        self._adamw_defaults: dict[str, Any] = {
+            "manifold": False,
+            "lr": float(lr if adamw_lr is None else adamw_lr),
+            "betas": tuple(float(b) for b in adamw_betas),
+            "eps": float(adamw_eps),
+            "weight_decay": float(adamw_weight_decay),
+            "amsgrad": False,
+            "maximize": False,
+            "foreach": None,
+            "capturable": False,
+            "differentiable": False,
+            "fused": None,
+            "decoupled_weight_decay": True,
+        }
         if others:
-            groups.append(
-                {
-                    "params": others,
-                    "manifold": False,
-                    "lr": float(lr if adamw_lr is None else adamw_lr),
-                    "betas": tuple(float(b) for b in adamw_betas),
-                    "eps": float(adamw_eps),
-                    "weight_decay": float(adamw_weight_decay),
-                    "amsgrad": False,
-                    "maximize": False,
-                    "foreach": None,
-                    "capturable": False,
-                    "differentiable": False,
-                    "fused": None,
-                    "decoupled_weight_decay": True,
-                }
-            )
+            groups.append({"params": others, **self._adamw_defaults})
         super().__init__(groups, defaults)
         self._layers: list[ManifoldLayer] = layers
+        self._built = True
         names = {id(p): n for n, p in model.named_parameters()}
         self._names = {
             id(p): names.get(id(p), f"parameter of shape {tuple(p.shape)}") for p in others
@@ -448,6 +448,28 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         self._step_cache: dict[tuple[Any, ...], Any] = {}
         self._workspaces: dict[tuple[Any, ...], dict[str, tuple[Tensor, list[Tensor]]]] = {}
         self._gathered: set[int] = set()  # ids of factors whose gathered gradients are checked
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group of plain parameters (e.g. a new head), updated by AdamW with this
+        optimizer's ``adamw_*`` settings unless the group sets its own (``lr``, ``betas``,
+        ``eps``, ``weight_decay``). LoRA layers cannot be added: they are converted to
+        manifold form when the optimizer is created, so create a new optimizer instead."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if not self.__dict__.get("_built", False):  # the constructor's own groups
+            super().add_param_group(param_group)
+            return
+        if param_group.get("manifold"):
+            raise ValueError(
+                "manifold (LoRA) groups cannot be added to an existing optimizer: the layers are "
+                "converted when it is created; create a new optimizer for the whole model"
+            )
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        in_layers = {id(p) for layer in self._layers for p in (layer.a, layer.b)}
+        if any(id(p) in in_layers for p in params):
+            raise ValueError("these parameters are factors of a manifold layer already optimized")
+        super().add_param_group({**self._adamw_defaults, **param_group, "manifold": False})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
