@@ -368,6 +368,18 @@ def test_bench_multiemo_end_to_end_and_cache(tmp_path, capsys):
     assert again["cache"] == {"hits": 2, "trained": 0}
     assert again["summary"] == results["summary"]
 
+    # --report-only with a larger plan: trains nothing, reports the cached runs and lists
+    # the runs not done yet
+    assert cli.main([*argv, "--seeds", "0,1", "--report-only"]) == 0
+    partial = json.loads((tmp_path / "results.json").read_text())
+    assert partial["cache"] == {"hits": 2, "trained": 0}
+    assert sorted((m["method"], m["seed"]) for m in partial["missing"]) == [
+        ("adamw", 1),
+        (second, 1),
+    ]
+    assert partial["summary"] == results["summary"]
+    assert "2 planned run(s) not run yet" in (tmp_path / "results.md").read_text()
+
 
 @pytest.mark.slow
 def test_bench_e2e_smollm2_bleu_rouge(tmp_path):

@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the 1-minute load average, at least 1)",
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the report from the runs already cached in OUT "
+        "(e.g. while a sweep is still running); the runs not done yet are listed",
+    )
     bench.set_defaults(func=_bench, parser=bench)
 
     methods = sub.add_parser(
@@ -344,6 +350,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"  skipping {name}: {reason}", flush=True)
 
     cache = RunCache(args.out)
+    missing: list[dict[str, Any]] | None = [] if args.report_only else None
     try:
         records, failures = run_sweep(
             base,
@@ -352,6 +359,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             cache,
             progress=not args.no_progress,
             log=lambda s: print(s, file=sys.stderr),
+            missing=missing,
         )
     except AssetNotFoundError as exc:
         print(f"riemannlora bench: error: {exc}", file=sys.stderr)
@@ -375,17 +383,21 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         "summary": summarize(records, metrics),
         "runs": records,
         "failures": failures,
+        "missing": missing or [],
         "skipped_methods": plan.skipped,
         "cache": {"hits": cache.hits, "trained": cache.trained},
         "threads": torch.get_num_threads(),
         "wall_s": time.perf_counter() - start,
     }
     title = f"riemannlora bench: {base.task} / {base.model} ({plan.preset})"
+    if missing:
+        title += f" -- partial: {len(missing)} planned run(s) not run yet"
     table = write_report(args.out, results, title)
     print(f"\n{table}\n")
     print(
         f"{len(records)} run(s) ({cache.trained} trained, {cache.hits} from cache), "
-        f"{len(failures)} failed, {results['wall_s']:.0f} s. Results: "
+        f"{len(failures)} failed, {len(missing or [])} not run yet, "
+        f"{results['wall_s']:.0f} s. Results: "
         f"{os.path.join(args.out, 'results.json')}, results.md and PNG plots."
     )
     return 0 if records and not failures else 1

@@ -319,6 +319,7 @@ def run_sweep(
     cache: RunCache,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    missing: list[dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run every method of ``lrs`` (method -> learning rates) in two stages.
 
@@ -327,6 +328,10 @@ def run_sweep(
     setting. Returns ``(records, failures)``: a failing run is logged and reported as
     ``{"config", "error", "traceback"}`` instead of stopping the sweep, except for a missing
     model or data set (:class:`~riemannlora.assets.AssetNotFoundError`), which is raised.
+
+    ``missing``: a list, to train nothing: only cached runs are returned and the configs of
+    the others are appended to it (stage 2 then uses the best lr among the cached stage-1
+    runs).
     """
     from tqdm.auto import tqdm
 
@@ -339,6 +344,15 @@ def run_sweep(
 
     def one(cfg: RunConfig) -> dict[str, Any] | None:
         bar.set_postfix_str(f"{cfg.method} lr={cfg.lr:.3g} seed={cfg.seed}")
+        if missing is not None:  # report only
+            record = cache.get(cfg)
+            if record is None:
+                missing.append(dataclasses.asdict(cfg))
+            else:
+                cache.hits += 1
+                records.append(record)
+            bar.update(1)
+            return record
         try:
             record = cache.run(cfg, progress=progress)
         except AssetNotFoundError:
