@@ -29,9 +29,7 @@ Every other trainable parameter (biases, heads, ``modules_to_save``) is updated 
 ``torch.optim.AdamW``'s own functional kernel, bitwise as ``torch.optim.AdamW`` would.
 
 Before anything changes, the gradients are checked for NaN/Inf (``nonfinite``, see
-:mod:`riemannlora.optim.guard`): for the batched layers, exactly the parts that enter the update
-(the gathered ``G Q`` and ``G^T U``, one reduction per batch of layers), for everything else the
-raw gradients. Factors sharded by FSDP2 (DTensors) take
+:mod:`riemannlora.optim.guard`). Factors sharded by FSDP2 (DTensors) take
 :func:`riemannlora.distributed.manifold_step_sharded`, the same step up to summation order; the
 momentum of such layers is stored as DTensors (``momentum_left`` sharded like ``lora_B``,
 ``momentum_right`` replicated). A step with ``lr == 0`` (e.g. the first warmup step) updates the
@@ -65,7 +63,7 @@ from riemannlora.geometry import (
 )
 from riemannlora.manifold import ManifoldLayer, group_indices, to_manifold
 from riemannlora.optim.functional import adamw_from_group
-from riemannlora.optim.guard import NonFiniteGuard, all_finite
+from riemannlora.optim.guard import NonFiniteGuard
 from riemannlora.optim.scaled import _check_number
 
 __all__ = ["SCALE_LR_CHOICES", "RiemannianSGD", "Riemannion", "lr_multiplier", "manifold_step"]
@@ -242,7 +240,6 @@ def _structured_step(
     nesterov: bool,
     orthogonalize: bool,
     store_orthogonalized: bool,
-    scratch: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The structured step on stacked ``(L, ., .)`` buffers in the compute dtype, all owned by
     the step and overwritten, so that the fast path allocates only one tall tensor (dU):
@@ -253,9 +250,8 @@ def _structured_step(
     momentum). The new momentum ``[dU | U]``, ``[Q | dV]^T`` is written into P_out
     ``(L, m, 2r)`` and Rt_out ``(L, 2r, n)`` when ``momentum``; they may be Pold and Rtold
     themselves (read before they are written), so the optimizer updates its momentum buffers
-    in place. ``scratch`` ``(L, r, m)`` (contiguous, optional) holds dU^T (and then Qd):
-    without it a fresh tensor is allocated. Returns ``(U_new, V_new, Q_new)`` (on the fast
-    path in the memory of U, GtUt and Qt: U_new row-major, V_new and Q_new column-major).
+    in place. Returns ``(U_new, V_new, Q_new)`` (on the fast path in the memory of U, GtUt and
+    Qt: U_new row-major, V_new and Q_new column-major).
     """
     r = U.shape[-1]
     g = 1.0 - dampening
@@ -271,11 +267,11 @@ def _structured_step(
         RtQ = (Qt @ Rtold.mT).mT
         PtU = (U.mT @ Pold).mT
         K = torch.baddbmm(UtGQ, PtU.mT, RtQ, beta=g, alpha=momentum)
-        dUt = torch.bmm(RtQ.mT * momentum, Pold.mT, out=scratch)
+        dUt = torch.bmm(RtQ.mT * momentum, Pold.mT)
         dUt.baddbmm_(K.mT, U.mT, alpha=-1.0)
         dVt = GtUt.baddbmm_(PtU.mT, Rtold, beta=g, alpha=momentum)
     else:
-        dUt = torch.bmm(UtGQ.mT * -g, U.mT, out=scratch)
+        dUt = torch.bmm(UtGQ.mT * -g, U.mT)
         dVt = GtUt if g == 1.0 else GtUt.mul_(g)
     dUt.baddbmm_(eye_g, GQ.mT)  # + g GQ^T (BLAS transposes GQ on the fly)
     if momentum and nesterov:  # beta M + g xi_g
@@ -294,28 +290,6 @@ def _structured_step(
         mU, mV = tangent_qr_to_factors(Q, t)
         _store_momentum(P_out, Rt_out, mU.mT, U, Qt, mV.mT)
     return _retract_qr_(U, Vt.mT, Q, t, lr, weight_decay, scratch=GQ, overwrite=True)
-
-
-class _Plan:
-    """A manifold group's step, prepared: batches of equal-shape layers by path, and the
-    gathered tensors the non-finite check reads."""
-
-    def __init__(self, group: dict[str, Any]) -> None:
-        self.group = group
-        self.structured: list[tuple[Any, ...]] = []
-        self.literal: list[tuple[Any, ...]] = []
-        self.sharded: list[tuple[Any, ...]] = []
-        self.checked: list[Tensor] = []
-
-
-def _gather(ws: dict[str, tuple[Tensor, list[Tensor]]], name: str, views: list[Tensor]) -> Tensor:
-    """Copy ``views`` (one per layer, any dtype) into the workspace buffer ``name``."""
-    buf, slots = ws[name]
-    if views[0].dtype == buf.dtype:
-        torch.stack(views, out=buf)
-    else:
-        torch._foreach_copy_(slots, views)
-    return buf
 
 
 def _store_momentum(
@@ -446,8 +420,6 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         self._momentum_cache: dict[tuple[Any, ...], tuple[Tensor, Tensor, Any, Any]] = {}
         self._view_cache: dict[tuple[Any, ...], Any] = {}
         self._step_cache: dict[tuple[Any, ...], Any] = {}
-        self._workspaces: dict[tuple[Any, ...], dict[str, tuple[Tensor, list[Tensor]]]] = {}
-        self._gathered: set[int] = set()  # ids of factors whose gathered gradients are checked
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of plain parameters (e.g. a new head), updated by AdamW with this
@@ -481,39 +453,21 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # 1. read-only: validate the layers and gather every structured group's inputs
-        self._gathered = set()
-        plans = [self._plan_manifold(group) for group in self.param_groups if group["manifold"]]
-        # 2. the non-finite check, before anything changes: the gathered G Q and G^T U of the
-        # structured groups (one reduction per group: exactly what enters the update) and the
-        # raw gradients of everything else; a failed check is redone on the raw gradients,
-        # which names the culprits and decides (skip / raise)
-        if self.nonfinite != "off":
-            fast = [t for plan in plans for t in plan.checked]
-            params = [
-                p
-                for group in self.param_groups
-                for p in group["params"]
-                if p.grad is not None and (not group["manifold"] or id(p) not in self._gathered)
-            ]
-            if not all_finite(fast + [p.grad for p in params], sharded_like=params):
-                params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-                names = lambda: [  # noqa: E731
-                    f"gradient of {self._names.get(id(p), 'a parameter')}" for p in params
-                ]
-                if not self._step_allowed([p.grad for p in params], names, sharded_like=params):
-                    return loss
-        # 3. the updates
-        for plan in plans:
-            self._run_manifold(plan)
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        names = lambda: [  # noqa: E731
+            f"gradient of {self._names.get(id(p), 'a parameter')}" for p in params
+        ]
+        if not self._step_allowed(grads, names, sharded_like=params):
+            return loss
         for group in self.param_groups:
-            if not group["manifold"]:
+            if group["manifold"]:
+                self._manifold_step(group)
+            else:
                 self._adamw_step(group)
         return loss
 
-    def _plan_manifold(self, group: dict[str, Any]) -> _Plan:
-        """Validate the layers of a manifold group, batch them by shape and gather the inputs
-        of every structured batch into its workspace. Changes no parameter and no state."""
+    def _manifold_step(self, group: dict[str, Any]) -> None:
         params = group["params"]
         ranks, offsets = group["ranks"], group["offsets"]
         active: list[int] = []
@@ -534,7 +488,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             pg = distributed.pair_group(a, b, repr(layer.name))
             keys.append((b.shape[0], a.shape[1], ranks[k], offsets[k], a.dtype, a.device, pg))
         lr, wd, beta = float(group["lr"]), group["weight_decay"], group["momentum"]
-        plan = _Plan(group)
+        sharded: dict[Any, list[tuple[tuple[Any, ...], distributed.ShardedManifoldGroup]]] = {}
         for key, idx in group_indices(keys).items():
             m, n, r, _, dtype, _, pg = key
             ks = [active[i] for i in idx]
@@ -553,27 +507,13 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
                 "store_orthogonalized": group.get("store_orthogonalized", False),
             }
             if pg is not None:
-                plan.sharded.append((pg, key, A, B, r, kw))
-            elif 2 * r <= min(m, n):
-                inputs = self._gather_group(key, A, B, kw)
-                plan.structured.append((key, A, B, kw, inputs))
-                plan.checked.extend(inputs[3:5])  # GQ, (G^T U)^T
-                self._gathered.update(id(p) for p in (*A, *B))
+                sharded.setdefault(pg, []).append((key, self._sharded_group(A, B, r, kw)))
+                continue
+            if 2 * r <= min(m, n):
+                self._structured_group(key, A, B, kw)
             else:
-                plan.literal.append((key, A, B, m, n, r, dtype, kw))
-        return plan
-
-    def _run_manifold(self, plan: _Plan) -> None:
-        """The updates of a planned manifold group."""
-        for key, A, B, kw, inputs in plan.structured:
-            self._structured_group(key, A, B, kw, inputs)
+                self._literal_group(A, B, m, n, r, dtype, kw)
             self._count_step(key, B)
-        for key, A, B, m, n, r, dtype, kw in plan.literal:
-            self._literal_group(A, B, m, n, r, dtype, kw)
-            self._count_step(key, B)
-        sharded: dict[Any, list[tuple[tuple[Any, ...], distributed.ShardedManifoldGroup]]] = {}
-        for pg, key, A, B, r, kw in plan.sharded:
-            sharded.setdefault(pg, []).append((key, self._sharded_group(A, B, r, kw)))
         for pg, items in sharded.items():
             distributed.manifold_step_sharded([g for _, g in items], pg)
             for key, g in items:
@@ -635,59 +575,33 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             self.state[b]["step"] = view
         self._step_cache[key] = (counts, views)
 
-    def _gather_group(
+    def _structured_group(
         self, key: tuple[Any, ...], A: list[Tensor], B: list[Tensor], kw: dict[str, Any]
-    ) -> tuple[Any, ...]:
-        """The inputs of :func:`_structured_step` for one group of equal-shape layers: the
-        momentum (stacked, or the buffers of the last step), the compute dtype, and U, Q^T,
-        V^T, G Q, (G^T U)^T gathered into the group's workspace (read-only for the state)."""
+    ) -> None:
+        """One group of equal-shape layers by :func:`_structured_step`. The momentum buffers
+        of the group are stacked once and then updated in place every step while the state
+        still holds exactly their views (no fresh multi-MB allocation per step: on CPU the
+        page faults of fresh memory cost as much as the arithmetic)."""
         r = key[2]
+        dtype = A[0].dtype
         Pm = Rmt = None
         fresh = True
         if kw["momentum"]:
             Pm, Rmt, fresh = self._stacked_momentum(key, A, B)
         cdt = compute_dtype(A[0], *([] if Pm is None else [Pm]))
         u_views, q_views, v_views = self._param_views(key, A, B)
-        ws = self._workspace(key, len(A), key[0], key[1], r, cdt, A[0].device)
-        # the step's inputs, gathered into buffers reused every step (see _workspace)
-        U, Qt, Vt, GQ, GtUt = (
-            _gather(ws, name, views)
-            for name, views in (
-                ("U", u_views),
-                ("Qt", q_views),  # contiguous row blocks of lora_A
-                ("Vt", v_views),
-                ("GQ", [b.grad[:, :r] for b in B]),
-                ("GtUt", [a.grad[r : 2 * r] for a in A]),
-            )
-        )
-        views = (u_views, q_views, v_views)
-        return U, Qt, Vt, GQ, GtUt, Pm, Rmt, fresh, cdt, views, ws["dUt"][0]
-
-    def _structured_group(
-        self,
-        key: tuple[Any, ...],
-        A: list[Tensor],
-        B: list[Tensor],
-        kw: dict[str, Any],
-        inputs: tuple[Any, ...],
-    ) -> None:
-        """One group of equal-shape layers by :func:`_structured_step`, on the inputs of
-        :meth:`_gather_group`. The momentum buffers of the group are stacked once and then
-        updated in place every step while the state still holds exactly their views (no fresh
-        multi-MB allocation per step: on CPU the page faults of fresh memory cost as much as
-        the arithmetic)."""
-        r = key[2]
-        dtype = A[0].dtype
-        U, Qt, Vt, GQ, GtUt, Pm, Rmt, fresh, cdt, (u_views, q_views, v_views), scratch = inputs
+        U = torch.stack(u_views).to(cdt)
+        Qt = torch.stack(q_views).to(cdt)  # contiguous row blocks of lora_A
+        Vt = torch.stack(v_views).to(cdt)
+        GQ = torch.stack([b.grad[:, :r] for b in B]).to(cdt)
+        GtUt = torch.stack([a.grad[r : 2 * r] for a in A]).to(cdt)
         if Pm is not None and Rmt is not None and Pm.dtype != cdt:
             Pm, Rmt, fresh = Pm.to(cdt), Rmt.to(cdt), True
         Pold, Rtold = Pm, Rmt
         if kw["momentum"] and (Pm is None or Rmt is None):
             Pm = U.new_empty(U.shape[0], U.shape[1], 2 * r)
             Rmt = U.new_empty(U.shape[0], 2 * r, Qt.shape[-1])
-        U_new, V_new, Q_new = _structured_step(
-            U, Qt, Vt, GQ, GtUt, Pold, Rtold, Pm, Rmt, scratch=scratch, **kw
-        )
+        U_new, V_new, Q_new = _structured_step(U, Qt, Vt, GQ, GtUt, Pold, Rtold, Pm, Rmt, **kw)
         # straight into the parameters, per layer (cheaper than assembling whole new tensors);
         # lr = 0 (e.g. the first warmup step) keeps the point exactly, the momentum still moves
         if kw["lr"] != 0:
@@ -701,37 +615,6 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             self.state[b]["momentum_left"] = left
             self.state[a]["momentum_right"] = right
         self._momentum_cache[key] = (Pm, Rmt, lefts, rights)
-
-    def _workspace(
-        self,
-        key: tuple[Any, ...],
-        count: int,
-        m: int,
-        n: int,
-        r: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> dict[str, tuple[Tensor, list[Tensor]]]:
-        """Buffers ``(L, m, r)`` for U and GQ, ``(L, r, m)`` for dU^T and ``(L, r, n)`` for Q^T,
-        V^T and (G^T U)^T of a group, with their per-layer views, allocated once and reused every step: a fresh
-        multi-MB tensor costs its page faults on every step on CPU (glibc returns large blocks
-        to the OS), more than the copy itself."""
-        wkey = (key, count, dtype)
-        ws = self._workspaces.get(wkey)
-        if ws is None:
-            ws = {}
-            for name, shape in (
-                ("U", (m, r)),
-                ("GQ", (m, r)),
-                ("dUt", (r, m)),
-                ("Qt", (r, n)),
-                ("Vt", (r, n)),
-                ("GtUt", (r, n)),
-            ):
-                buf = torch.empty(count, *shape, dtype=dtype, device=device)
-                ws[name] = (buf, list(buf.unbind(0)))
-            self._workspaces[wkey] = ws
-        return ws
 
     def _param_views(
         self, key: tuple[Any, ...], A: list[Tensor], B: list[Tensor]
