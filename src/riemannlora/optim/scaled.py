@@ -227,8 +227,8 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
             (``weight_decay`` defaults to 0, the usual LoRA setting).
         foreach, fused: torch's kernel choice, as ``torch.optim.AdamW``. Non-LoRA parameters use
             exactly torch's choice (so they match ``torch.optim.AdamW`` with the same flags
-            bitwise). The LoRA factors use torch's fused (single-pass) AdamW kernel by default,
-            where the device supports it; ``foreach=True`` or ``fused=False`` selects the
+            bitwise). The LoRA factors use torch's fused (single-pass) AdamW kernel by default
+            on CPU and CUDA; ``foreach=True`` or ``fused=False`` selects the
             multi-tensor kernel for them too. ``fused=True`` does not make the optimizer unscale
             AMP gradients itself: ``GradScaler`` unscales and skips steps as for any optimizer.
         reg: damping of the Gram matrices (``>= 0``).
@@ -322,12 +322,16 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
         )
 
 
-def _fused_supported(params: list[Tensor]) -> bool:
-    """Whether torch's fused AdamW kernel runs on every one of ``params``."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+#: Devices whose fused AdamW kernel is the default for LoRA factors (others: ``fused=True``).
+_FUSED_DEFAULT_DEVICES = ("cpu", "cuda")
 
-    devices = _get_fused_kernels_supported_devices()
-    return all(p.device.type in devices and p.dtype.is_floating_point for p in params)
+
+def _fused_supported(params: list[Tensor]) -> bool:
+    """Whether the LoRA factors default to torch's fused AdamW kernel: every one of ``params``
+    is a floating-point tensor on a CPU or CUDA device (the kernels tested here)."""
+    return all(
+        p.device.type in _FUSED_DEFAULT_DEVICES and p.dtype.is_floating_point for p in params
+    )
 
 
 def _adam_without_bias_correction(
