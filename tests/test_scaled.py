@@ -441,6 +441,10 @@ def test_lora_factors_use_the_fused_kernel_by_default_others_follow_torch():
         False,
         None,
     )
+    assert _kernel_flags(rl.ScaledAdamW(LoraParams(pairs, [head]), lr=1e-2, foreach=False)) == [
+        (True, None, False),
+        (False, None, False),
+    ]  # torch's single-tensor loop, as asked
     assert _kernel_flags(rl.ScaledAdamW(LoraParams(pairs, [head]), lr=1e-2, fused=True)) == [
         (True, True, None),
         (False, True, None),
@@ -498,3 +502,91 @@ def test_fused_default_under_grad_scaler_and_resume():
     fresh = rl.ScaledAdamW(model, lr=1e-2)
     fresh.load_state_dict(opt.state_dict())
     assert all(s["step"].dtype == torch.float32 for s in fresh.state.values())
+
+
+def test_fused_default_with_non_contiguous_factors():
+    """Factors stored transposed or channels_last: the directions are laid out like the
+    parameters before the fused kernel (which walks both with the parameter's strides)."""
+    g = torch.Generator().manual_seed(0)
+    a_t = nn.Parameter(torch.randn(40, 4, generator=g).T)  # (4, 40), transposed storage
+    b_t = nn.Parameter(torch.randn(30, 4, generator=g))
+    a_c = nn.Parameter(
+        torch.randn(4, 3, 3, 3, generator=g).to(memory_format=torch.channels_last)
+    )  # conv LoRA A (r, c_in, k, k), channels_last
+    b_c = nn.Parameter(torch.randn(6, 4, 1, 1, generator=g))
+    assert not a_t.is_contiguous() and not a_c.is_contiguous()
+
+    def run(**kernel):
+        ps = [nn.Parameter(p.detach().clone()) for p in (a_t, b_t, a_c, b_c)]
+        ps[0] = nn.Parameter(a_t.detach().T.clone().T)
+        ps[2] = nn.Parameter(a_c.detach().clone(memory_format=torch.channels_last))
+        pairs = [LoraPair(ps[0], ps[1], 2.0, "lin"), LoraPair(ps[2], ps[3], 0.5, "conv")]
+        opt = rl.ScaledAdamW(pairs, lr=0.1, **kernel)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=gen))
+            opt.step()
+        return [p.detach() for p in ps]
+
+    for x, y in zip(run(), run(fused=False)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_choice_survives_load_state_dict():
+    """The optimizer's kernel flags win over the checkpoint's; the step counters are cast."""
+
+    def opt_for(**kernel):
+        pairs = make_pairs(SHAPES[:2], SCALINGS[:2], dtype=torch.float32, seed=4)
+        opt = rl.ScaledAdamW(pairs, lr=1e-2, **kernel)
+        opt.step()
+        return opt
+
+    fused_sd = opt_for().state_dict()
+    unfused = opt_for(fused=False)
+    unfused.load_state_dict(fused_sd)
+    assert unfused.param_groups[0]["fused"] is False
+    legacy = opt_for(foreach=True).state_dict()  # e.g. saved before the fused default
+    fresh = opt_for()
+    fresh.load_state_dict(legacy)
+    assert fresh.param_groups[0]["fused"] is True
+    assert all(s["step"].dtype == torch.float32 for s in fresh.state.values())
+    fresh.step()
+
+
+def test_differentiable_lora_group_is_never_fused():
+    pairs = make_pairs(SHAPES[:1], SCALINGS[:1], dtype=torch.float32)
+    opt = rl.ScaledAdamW(make_pairs(SHAPES[1:2], SCALINGS[1:2], dtype=torch.float32), lr=1e-2)
+    opt.add_param_group(
+        {
+            "params": [pairs[0].a, pairs[0].b],
+            "lora": True,
+            "scalings": [pairs[0].scaling],
+            "differentiable": True,
+        }
+    )
+    assert opt.param_groups[-1]["fused"] is None
+
+
+def test_float16_factors_need_the_fused_kernel():
+    """float16 factors: the default (fused, float32 arithmetic) stays finite where torch's
+    float16 kernels write Inf/NaN; asking for those is refused with a message."""
+
+    def fp16_pairs():
+        g = torch.Generator().manual_seed(0)
+        a = nn.Parameter(torch.randn(4, 32, generator=g).half())
+        b = nn.Parameter((0.1 * torch.randn(16, 4, generator=g)).half())
+        return [LoraPair(a, b, 2.0, "x")]
+
+    pairs = fp16_pairs()
+    opt = rl.ScaledAdamW(pairs, lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p in (pairs[0].a, pairs[0].b):
+            p.grad = torch.randn(p.shape, generator=g).half()
+        pairs[0].b.grad[0] = 0.0  # v = 0 there: 0 / (0 + eps) must not become NaN
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in (pairs[0].a, pairs[0].b))
+    for kw in ({"fused": False}, {"foreach": True}, {"bias_correction": False}):
+        with pytest.raises(ValueError, match="float16 LoRA factors"):
+            rl.ScaledAdamW(fp16_pairs(), lr=1e-3, **kw)

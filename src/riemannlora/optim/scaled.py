@@ -115,9 +115,12 @@ class _ScaledMixin(NonFiniteGuard):
             if (
                 self._fuse_lora
                 and param_group.get("fused", self.defaults.get("fused")) is None
-                and param_group.get("foreach", self.defaults.get("foreach")) is not True
+                and param_group.get("foreach", self.defaults.get("foreach")) is None
+                and not param_group.get("differentiable", self.defaults.get("differentiable"))
             ):  # the LoRA factors get torch's single-pass kernel where it exists
                 param_group["fused"] = _fused_supported(params)
+            if self._fuse_lora and any(p.dtype == torch.float16 for p in params):
+                _check_float16_kernel(param_group, self.defaults)
         super().add_param_group(param_group)  # type: ignore[misc]
 
     def _name(self, p: Tensor) -> str:
@@ -195,7 +198,14 @@ class _ScaledMixin(NonFiniteGuard):
         """Load a state dict, after checking that it belongs to the same LoRA layout and holds
         finite values; on any error nothing is loaded."""
         check_state_dict(self, state_dict, self._state_keys, self._name)
-        super().load_state_dict(state_dict)  # type: ignore[misc]
+        # the kernel choice (foreach / fused) is this optimizer's, not the checkpoint's: a run
+        # resumed with fused=False stays unfused, an old checkpoint gets today's default (torch
+        # casts the step counters to the kernel's layout on load)
+        groups = [
+            {**saved, **{k: mine[k] for k in ("foreach", "fused") if k in mine}}
+            for saved, mine in zip(state_dict["param_groups"], self.param_groups)
+        ]
+        super().load_state_dict({**state_dict, "param_groups": groups})  # type: ignore[misc]
 
 
 def _label(kind: str, p: Tensor, opt: _ScaledMixin) -> str:
@@ -228,8 +238,9 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
         foreach, fused: torch's kernel choice, as ``torch.optim.AdamW``. Non-LoRA parameters use
             exactly torch's choice (so they match ``torch.optim.AdamW`` with the same flags
             bitwise). The LoRA factors use torch's fused (single-pass) AdamW kernel by default
-            on CPU and CUDA; ``foreach=True`` or ``fused=False`` selects the
-            multi-tensor kernel for them too. ``fused=True`` does not make the optimizer unscale
+            on CPU and CUDA; ``foreach=True``/``False`` or ``fused=False`` select torch's
+            multi-tensor or single-tensor kernel for them too. The choice is the optimizer's:
+            ``load_state_dict`` keeps it whatever the checkpoint was saved with. ``fused=True`` does not make the optimizer unscale
             AMP gradients itself: ``GradScaler`` unscales and skips steps as for any optimizer.
         reg: damping of the Gram matrices (``>= 0``).
         scale_aware: precondition with the effective factor ``s B`` (True) or ``B`` as in the
@@ -306,11 +317,14 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
         )
         if not params:
             return
+        group_params = params
         if group["lora"]:  # the directions replace the gradients; sharded: local shards
-            grads = [directions[id(p)] for p in params]
             params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (
                 [local(t) for t in ts] for ts in (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
             )
+            # in the parameters' memory layout (e.g. channels_last or transposed factors): the
+            # fused kernel walks gradient and parameter with the parameter's strides
+            grads = [_like_layout(directions[id(p)], lp) for p, lp in zip(group_params, params)]
         beta1, beta2 = group["betas"]
         if not group.get("bias_correction", True):
             _adam_without_bias_correction(
@@ -324,6 +338,30 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
 
 #: Devices whose fused AdamW kernel is the default for LoRA factors (others: ``fused=True``).
 _FUSED_DEFAULT_DEVICES = ("cpu", "cuda")
+
+
+def _check_float16_kernel(group: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """float16 LoRA factors need torch's fused AdamW kernel, which does its arithmetic in
+    float32: the other kernels compute in float16, where ``eps = 1e-8`` rounds to 0 and small
+    second moments underflow, so they write Inf/NaN into the factors (torch.optim.AdamW does
+    the same with float16 parameters)."""
+    fused = group.get("fused", defaults.get("fused"))
+    bias_correction = group.get("bias_correction", defaults.get("bias_correction", True))
+    if fused and bias_correction:
+        return
+    raise ValueError(
+        "float16 LoRA factors with AdamW's float16 arithmetic (foreach/single-tensor kernels, "
+        "or bias_correction=False) underflow and write Inf/NaN into the factors. Keep the "
+        "default fused kernel (fused=None or True, bias_correction=True), keep the factors in "
+        "float32 and use torch.autocast, or use bfloat16 factors."
+    )
+
+
+def _like_layout(d: Tensor, p: Tensor) -> Tensor:
+    """``d`` with the strides of ``p`` (a copy only when they differ)."""
+    if d.stride() == p.stride():
+        return d
+    return torch.empty_like(p).copy_(d)
 
 
 def _fused_supported(params: list[Tensor]) -> bool:
