@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 
 import pytest
 import torch
@@ -231,6 +232,73 @@ def test_run_sweep_two_stages_and_failures():
     assert logs and "boom" in logs[0]
 
 
+class BusyElsewhereCache(FakeCache):
+    """Stand-in for a run another process is training: ``cache.run`` answers None for the
+    first ``busy`` calls of ``busy_cfg`` (lr), then the finished record."""
+
+    def __init__(self, busy_lr: float, busy: int) -> None:
+        super().__init__()
+        self.busy_lr, self.busy = busy_lr, busy
+
+    def run(self, cfg: RunConfig, progress: bool = True) -> dict | None:
+        if cfg.lr == self.busy_lr and cfg.seed == 0 and self.busy:
+            self.busy -= 1
+            return None
+        return super().run(cfg, progress)
+
+
+def test_run_sweep_waits_for_runs_trained_elsewhere():
+    """A stage-1 run held by another process: the sweep goes on with the other methods,
+    polls, and runs the method's stage 2 only once that result is in."""
+    base = RunConfig(**_record("adamw", 1.0, 0, 1.0)["config"])
+    cache = BusyElsewhereCache(busy_lr=1e-3, busy=2)
+    records, failures = run_sweep(
+        base,
+        {"adamw": [1e-4, 1e-3, 1e-2], "scaled-adamw": [1e-3 * 3]},
+        [0, 1],
+        cache,  # type: ignore[arg-type]
+        progress=False,
+        poll_s=0.0,
+    )
+    runs = [(c.method, c.lr, c.seed) for c in cache.calls]
+    assert runs == [
+        ("adamw", 1e-4, 0), ("adamw", 1e-2, 0), ("scaled-adamw", 3e-3, 0),
+        ("scaled-adamw", 3e-3, 1), ("adamw", 1e-3, 0), ("adamw", 1e-3, 1),
+    ]  # fmt: skip
+    assert len(records) == 6 and not failures
+
+
+def test_run_cache_claims_are_exclusive_and_stale_ones_taken_over(tmp_path):
+    import platform
+    import subprocess
+    import sys
+
+    from riemannlora.bench.runner import RunCache
+
+    cache = RunCache(tmp_path)
+    cfg = RunConfig(**_record("adamw", 1e-3, 0, 1.0)["config"])
+    assert cache.claim(cfg)
+    assert not RunCache(tmp_path).claim(cfg)  # held by this (live) process
+    cache.release(cfg)
+    # a lock left by a process that has exited is taken over
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    lock = cache.lock_path(cfg)
+    lock.write_text(json.dumps({"pid": int(child.stdout), "host": platform.node()}))
+    assert cache.claim(cfg)
+    cache.release(cfg)
+    # a lock being written (unreadable yet) or from another host is respected
+    lock.write_text("")
+    assert not cache.claim(cfg)
+    lock.write_text(json.dumps({"pid": 1, "host": "another-machine"}))
+    assert not cache.claim(cfg)
+    lock.unlink()
+    # a finished run comes from the cache without any claim
+    cache.put(cfg, _record("adamw", 1e-3, 0, 1.0))
+    assert cache.run(cfg)["config"]["lr"] == 1e-3 and cache.hits == 1
+    assert not lock.exists()
+
+
 def test_run_config_validation_and_key():
     cfg = RunConfig(**_record("adamw", 1e-3, 0, 1.0)["config"])
     assert cfg.key() == RunConfig(**dataclasses.asdict(cfg)).key()
@@ -379,6 +447,43 @@ def test_bench_multiemo_end_to_end_and_cache(tmp_path, capsys):
     ]
     assert partial["summary"] == results["summary"]
     assert "2 planned run(s) not run yet" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_sweep(tmp_path):
+    """Two `riemannlora bench` processes on the same --out: every run is trained exactly once
+    and both write the complete report."""
+    import os
+    import subprocess
+    import sys
+
+    argv = [
+        sys.executable, "-m", "riemannlora.cli", "bench", "--task", "multiemo", "--model",
+        "minilm", "--methods", "adamw,scaled-adamw", "--lrs", "1e-3,3e-3", "--steps", "2",
+        "--eval-every", "2", "--eval-size", "8", "--final-eval-size", "8", "--batch-size", "4",
+        "--threads", "1", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    outs = [tmp_path / "shared", tmp_path / "shared"]
+    procs = [
+        subprocess.Popen(
+            [*argv, "--out", str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for out in outs
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    runs = sorted((tmp_path / "shared" / "runs").glob("*.json"))
+    assert len(runs) == 4 and not list((tmp_path / "shared" / "runs").glob("*.lock"))
+    trained = [int(n) for log in logs for n in re.findall(r"\((\d+) trained, ", log)]
+    assert len(trained) == 2, logs
+    assert sum(trained) == 4, logs  # nothing trained twice
+    results = json.loads((tmp_path / "shared" / "results.json").read_text())
+    assert len(results["runs"]) == 4
 
 
 @pytest.mark.slow

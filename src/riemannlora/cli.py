@@ -25,7 +25,9 @@ _BENCH_DESCRIPTION = """\
 Fine-tune a pretrained model with PEFT LoRA on a task with several optimizers (same
 data order, same seeds, one training loop, lr decayed linearly to 0, weight decay 0), then
 write OUT/results.json, OUT/results.md and PNG plots, and print the results table. Finished
-runs are cached in OUT/runs/ and reused, so an interrupted sweep resumes.
+runs are cached in OUT/runs/ and reused, so an interrupted sweep resumes. Several processes
+may run the same command on the same OUT at once (one per core or GPU): each run is
+trained by one of them and the others pick it up.
 
 Presets (explicit flags override them):
   default  the main methods (adamw, scaled-adamw, riemannion, riemannion-loi where available),

@@ -295,16 +295,71 @@ class RunCache:
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, self.path(cfg))
 
-    def run(self, cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
-        """The cached record of ``cfg``, or train it and cache the result."""
+    def lock_path(self, cfg: RunConfig) -> pathlib.Path:
+        return self.dir / f"{cfg.key()}.lock"
+
+    def claim(self, cfg: RunConfig) -> bool:
+        """Take the run of ``cfg`` for this process (an exclusive lock file holding its pid and
+        host). False while another live process holds it; the lock of a process that died on
+        this machine is taken over. A lock from another host is respected until removed."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        lock = self.lock_path(cfg)
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if _lock_owner_alive(lock):
+                    return False
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"pid": os.getpid(), "host": platform.node()}, f)
+            return True
+        return False
+
+    def release(self, cfg: RunConfig) -> None:
+        self.lock_path(cfg).unlink(missing_ok=True)
+
+    def run(self, cfg: RunConfig, progress: bool = True) -> dict[str, Any] | None:
+        """The cached record of ``cfg``, or train it and cache the result; None when another
+        process is training it right now (see :meth:`claim`)."""
         record = self.get(cfg)
         if record is not None:
             self.hits += 1
             return record
-        record = train(cfg, progress=progress)
-        self.trained += 1
-        self.put(cfg, record)
-        return record
+        if not self.claim(cfg):
+            return None
+        try:
+            record = self.get(cfg)  # finished by another process just before the claim
+            if record is not None:
+                self.hits += 1
+                return record
+            record = train(cfg, progress=progress)
+            self.trained += 1
+            self.put(cfg, record)
+            return record
+        finally:
+            self.release(cfg)
+
+
+def _lock_owner_alive(lock: pathlib.Path) -> bool:
+    """Whether the process named in a lock file may still be running."""
+    try:
+        owner = json.loads(lock.read_text())
+        pid, host = int(owner["pid"]), str(owner["host"])
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return True  # being written right now
+    if host != platform.node():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _final_loss(record: dict[str, Any]) -> float:
@@ -320,6 +375,7 @@ def run_sweep(
     progress: bool = True,
     log: Callable[[str], None] = print,
     missing: list[dict[str, Any]] | None = None,
+    poll_s: float = 20.0,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run every method of ``lrs`` (method -> learning rates) in two stages.
 
@@ -328,6 +384,12 @@ def run_sweep(
     setting. Returns ``(records, failures)``: a failing run is logged and reported as
     ``{"config", "error", "traceback"}`` instead of stopping the sweep, except for a missing
     model or data set (:class:`~riemannlora.assets.AssetNotFoundError`), which is raised.
+
+    Several processes may run the same sweep on the same output directory at once: each run
+    is trained by the first process that claims it (:meth:`RunCache.claim`); the others go on
+    with other runs and pick its result up from the cache when it is done (polling every
+    ``poll_s`` seconds once nothing else is left), so stage 2 of a method waits for all of
+    its stage-1 runs wherever they were trained.
 
     ``missing``: a list, to train nothing: only cached runs are returned and the configs of
     the others are appended to it (stage 2 then uses the best lr among the cached stage-1
@@ -341,8 +403,15 @@ def run_sweep(
     bar = tqdm(total=total, desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
     records: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
+    settled: dict[str, dict[str, Any] | None] = {}  # key -> record (None: failed or missing)
+    waiting = False
 
-    def one(cfg: RunConfig) -> dict[str, Any] | None:
+    def attempt(cfg: RunConfig) -> None:
+        """Settle ``cfg`` unless another process is training it (``waiting`` then)."""
+        nonlocal waiting
+        key = cfg.key()
+        if key in settled:
+            return
         bar.set_postfix_str(f"{cfg.method} lr={cfg.lr:.3g} seed={cfg.seed}")
         if missing is not None:  # report only
             record = cache.get(cfg)
@@ -350,38 +419,55 @@ def run_sweep(
                 missing.append(dataclasses.asdict(cfg))
             else:
                 cache.hits += 1
-                records.append(record)
-            bar.update(1)
-            return record
-        try:
-            record = cache.run(cfg, progress=progress)
-        except AssetNotFoundError:
-            raise  # no run can work without the model or the data
-        except Exception as exc:  # keep the sweep going; the failure is reported
-            log(f"run {cfg.key()} failed: {type(exc).__name__}: {exc}")
-            failures.append(
-                {
-                    "config": dataclasses.asdict(cfg),
-                    "error": f"{type(exc).__name__}: {exc}",
-                    "traceback": traceback.format_exc(limit=6),
-                }
-            )
-            record = None
         else:
+            try:
+                record = cache.run(cfg, progress=progress)
+            except AssetNotFoundError:
+                raise  # no run can work without the model or the data
+            except Exception as exc:  # keep the sweep going; the failure is reported
+                log(f"run {cfg.key()} failed: {type(exc).__name__}: {exc}")
+                failures.append(
+                    {
+                        "config": dataclasses.asdict(cfg),
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "traceback": traceback.format_exc(limit=6),
+                    }
+                )
+                settled[key] = None
+                bar.update(1)
+                return
+            if record is None:  # another process trains it
+                waiting = True
+                return
+        settled[key] = record
+        if record is not None:
             records.append(record)
         bar.update(1)
-        return record
 
-    for method, method_lrs in lrs.items():
-        stage1 = [
-            one(dataclasses.replace(base, method=method, lr=lr, seed=seeds[0])) for lr in method_lrs
-        ]
-        done = [r for r in stage1 if r is not None]
-        if not done:
-            bar.update(len(seeds) - 1)
-            continue
-        best_lr = min(done, key=_final_loss)["config"]["lr"]
-        for seed in seeds[1:]:
-            one(dataclasses.replace(base, method=method, lr=best_lr, seed=seed))
+    while True:
+        waiting = False
+        for method, method_lrs in lrs.items():
+            stage1 = [
+                dataclasses.replace(base, method=method, lr=lr, seed=seeds[0]) for lr in method_lrs
+            ]
+            for cfg in stage1:
+                attempt(cfg)
+            if any(cfg.key() not in settled for cfg in stage1):
+                continue  # stage 2 needs the whole stage 1
+            done = [settled[cfg.key()] for cfg in stage1]
+            done = [r for r in done if r is not None]
+            if not done:
+                for seed in seeds[1:]:  # nothing to pick the lr from: count them as skipped
+                    skipped = dataclasses.replace(stage1[0], seed=seed).key()
+                    if skipped not in settled:
+                        settled[skipped] = None
+                        bar.update(1)
+                continue
+            best_lr = min(done, key=_final_loss)["config"]["lr"]
+            for seed in seeds[1:]:
+                attempt(dataclasses.replace(base, method=method, lr=best_lr, seed=seed))
+        if not waiting:
+            break
+        time.sleep(poll_s)
     bar.close()
     return records, failures
