@@ -240,8 +240,10 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
             bitwise). The LoRA factors use torch's fused (single-pass) AdamW kernel by default
             on CPU and CUDA; ``foreach=True``/``False`` or ``fused=False`` select torch's
             multi-tensor or single-tensor kernel for them too. The choice is the optimizer's:
-            ``load_state_dict`` keeps it whatever the checkpoint was saved with. ``fused=True`` does not make the optimizer unscale
-            AMP gradients itself: ``GradScaler`` unscales and skips steps as for any optimizer.
+            ``load_state_dict`` keeps it whatever the checkpoint was saved with. float16
+            factors require the fused kernel (torch's float16 AdamW arithmetic writes Inf/NaN).
+            ``fused=True`` does not make the optimizer unscale AMP gradients itself:
+            ``GradScaler`` unscales and skips steps as for any optimizer.
         reg: damping of the Gram matrices (``>= 0``).
         scale_aware: precondition with the effective factor ``s B`` (True) or ``B`` as in the
             paper (False).
