@@ -99,6 +99,17 @@ def step_only(args) -> dict[str, float]:
                 times[name].append(time.perf_counter() - t0)
     for name, ts in times.items():
         out[name] = _median_ms(ts)
+    # the median of the per-round ratios is steadier than the ratio of medians on a noisy
+    # machine: both steps of a round see the same load
+    per_round = {
+        (a, b): statistics.median(x / y for x, y in zip(times[a], times[b]))
+        for a, b in (("riemannion", "adamw"), ("riemannion", "muon"), ("riemannion", "adamw-fused"))
+    }
+    print(
+        "median per-round ratios: "
+        + ", ".join(f"{a} / {b} = {v:.2f}x" for (a, b), v in per_round.items()),
+        flush=True,
+    )
     return out
 
 
