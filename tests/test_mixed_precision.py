@@ -115,12 +115,13 @@ def test_fp16_grad_scaler_skips_overflow_itself():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
-def test_gradient_accumulation_equals_the_full_batch_step(opt_name):
+def _full_and_accumulated(make_opt):
+    """Two copies of a float64 net trained 3 steps by ``make_opt``: on the full batch, and with
+    the same batch in 4 accumulated micro-batches. Returns ``(full, accum, x)``."""
     x, y = data(dtype=torch.float64)
     full = peft_net(torch.float64)
     accum = copy.deepcopy(full)
-    opt_full, opt_accum = OPTIMIZERS[opt_name](full), OPTIMIZERS[opt_name](accum)
+    opt_full, opt_accum = make_opt(full), make_opt(accum)
     for _ in range(3):
         opt_full.zero_grad()
         nn.functional.cross_entropy(full(x), y).backward()
@@ -129,6 +130,12 @@ def test_gradient_accumulation_equals_the_full_batch_step(opt_name):
         for xs, ys in zip(x.chunk(4), y.chunk(4)):
             (nn.functional.cross_entropy(accum(xs), ys) / 4).backward()
         opt_accum.step()
+    return full, accum, x
+
+
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+def test_gradient_accumulation_equals_the_full_batch_step(opt_name):
+    full, accum, _ = _full_and_accumulated(OPTIMIZERS[opt_name])
     for p, q in zip(full.parameters(), accum.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
@@ -195,17 +202,6 @@ def test_manifold_bf16_autocast_and_scheduler_track_float32_training(opt_name):
 
 @pytest.mark.parametrize("opt_name", sorted(MANIFOLD))
 def test_manifold_gradient_accumulation_equals_the_full_batch_step(opt_name):
-    x, y = data(dtype=torch.float64)
-    full = peft_net(torch.float64)
-    accum = copy.deepcopy(full)
-    opt_full, opt_accum = MANIFOLD[opt_name](full), MANIFOLD[opt_name](accum)
-    for _ in range(3):
-        opt_full.zero_grad()
-        nn.functional.cross_entropy(full(x), y).backward()
-        opt_full.step()
-        opt_accum.zero_grad()
-        for xs, ys in zip(x.chunk(4), y.chunk(4)):
-            (nn.functional.cross_entropy(accum(xs), ys) / 4).backward()
-        opt_accum.step()
+    full, accum, x = _full_and_accumulated(MANIFOLD[opt_name])
     with torch.no_grad():  # factors are fixed only up to rotations/signs: compare the function
         torch.testing.assert_close(accum(x), full(x), rtol=1e-9, atol=1e-11)

@@ -407,6 +407,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             groups.append({"params": others, **self._adamw_defaults})
         super().__init__(groups, defaults)
         self._layers: list[ManifoldLayer] = layers
+        self._layer_param_ids = in_layers
         self._built = True
         names = {id(p): n for n, p in model.named_parameters()}
         self._names = {
@@ -438,8 +439,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             )
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
-        in_layers = {id(p) for layer in self._layers for p in (layer.a, layer.b)}
-        if any(id(p) in in_layers for p in params):
+        if any(id(p) in self._layer_param_ids for p in params):
             raise ValueError("these parameters are factors of a manifold layer already optimized")
         super().add_param_group({**self._adamw_defaults, **param_group, "manifold": False})
 
