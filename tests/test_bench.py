@@ -80,7 +80,8 @@ def test_registry_lists_required_methods():
         "sgd", "adamw", "loraplus", "peft-riemannian", "muon", "scaled-sgd", "scaled-adamw",
         "riemannian-sgd", "riemannion", "riemannion-loi", "pissa", "lora-ga",
     }  # fmt: skip
-    assert required == set(METHODS)
+    assert required == {n for n, m in METHODS.items() if not m.ablation}
+    assert set(available_methods(ablations=False)) <= required
     assert set(MAIN_METHODS) <= set(METHODS)
     for m in METHODS.values():
         assert m.summary
@@ -88,6 +89,31 @@ def test_registry_lists_required_methods():
             grid = lr_grid(m.lr_for(kind))
             assert len(grid) == 7 and grid == sorted(grid)
             assert math.log10(grid[-1] / grid[0]) >= 3 - 1e-9
+
+
+def test_ablations_change_only_what_they_name():
+    from peft import LoraConfig
+
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    ctx = MethodContext(compute_loss=lambda m: F.cross_entropy(m(x), y), adamw_lr=1e-3, seed=0)
+
+    def build(name: str, lr: float):
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"],
+                            modules_to_save=["head"])  # fmt: skip
+        method = get_method(name)
+        return method.build(method.initialize(Tiny(), config, ctx), lr, ctx)
+
+    adamw = build("adamw-fixhead", 0.5)
+    lrs = sorted(g["lr"] for g in adamw.param_groups)
+    assert lrs == [1e-3, 0.5] and sum(len(g["params"]) for g in adamw.param_groups) == 4 + 2
+    assert {g["lr"] for g in build("adamw", 0.5).param_groups} == {0.5}
+    if "riemannion" in available_methods():
+        plain, fixed = build("riemannion", 0.5), build("riemannion-fixhead", 0.5)
+        assert {g["lr"] for g in plain.param_groups} == {0.5}
+        assert {g["lr"] for g in fixed.param_groups} == {1e-3, 0.5}
+        assert not any(g.get("store_orthogonalized") for g in plain.param_groups)
+        ortho = build("riemannion-storeortho", 0.5)
+        assert any(g.get("store_orthogonalized") for g in ortho.param_groups)
 
 
 def test_get_method_errors():
@@ -353,7 +379,8 @@ def test_cli_presets_plan_the_runs():
     assert default.base.model == "sentence-transformers/all-MiniLM-L6-v2"
 
     full = _plan("--preset", "full")
-    assert list(full.lrs) == available_methods() and full.seeds == [0, 1, 2]
+    assert list(full.lrs) == available_methods(ablations=False) and full.seeds == [0, 1, 2]
+    assert len(full.lrs) == 12 and not any(METHODS[n].ablation for n in full.lrs)
     for name, lrs in full.lrs.items():
         assert lrs == lr_grid(METHODS[name].lr_for("classification"))
 

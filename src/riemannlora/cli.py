@@ -37,8 +37,8 @@ Presets (explicit flags override them):
            steps of DreamBooth-style subject learning on the small digit diffusion model
            (built once, about 20 minutes; see `riemannlora pretrain-diffusion`)
   quick    the same methods, a few steps, small evals (a smoke run of 1-3 minutes)
-  full     every available method over its lr grid (7 lrs, 3 decades) at seed 0, then
-           seeds 1 and 2 at each method's best lr (the evidence for BENCHMARKS.md; 108 runs:
+  full     every available method but the ablations over its lr grid (7 lrs, 3 decades) at
+           seed 0, then seeds 1 and 2 at each method's best lr (BENCHMARKS.md; 108 runs:
            hours on a CPU, or use --device cuda)
 
 Sweep rule: each method runs all its lrs with the first seed; the other seeds run at the lr
@@ -257,7 +257,10 @@ def _resolve_methods(
         if len(set(names)) != len(names):
             parser.error(f"--methods lists a method twice: {args.methods!r}")
         return names, {}
-    wanted = list(METHODS) if preset == "full" else list(MAIN_METHODS)
+    if preset == "full":
+        wanted = [n for n, m in METHODS.items() if not m.ablation]
+    else:
+        wanted = list(MAIN_METHODS)
     skipped = {
         n: "needs riemannlora." + ", riemannlora.".join(METHODS[n].requires)
         for n in wanted

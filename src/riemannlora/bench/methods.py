@@ -43,6 +43,17 @@ initial value to 0 over the run (:mod:`riemannlora.bench.runner`). The peak lear
     on the first training batch, then ``init_lora_weights="lora_ga"`` with
     ``LoraGAConfig()`` (direction ``ArB2r``, scale ``stable``, gamma 16).
 
+Ablations (not in ``--preset full``; run them with ``--methods``):
+
+``riemannion-storeortho``
+    ``riemannion`` with ``store_orthogonalized=True``: the momentum buffer keeps the
+    orthogonalized step ``P_X(msign(D_t))`` (the paper's algorithm box) instead of the raw
+    ``M_t`` (Muon's rule, the default).
+``riemannion-fixhead`` / ``adamw-fixhead``
+    ``riemannion`` / ``adamw`` with the non-LoRA parameters (the classifier head) at the task's
+    ``adamw`` default lr instead of ``lr``: an lr sweep then moves only the LoRA optimizer, which
+    separates the LoRA factors' lr sensitivity from the head's.
+
 Learning rates: ``default_lr[kind]`` for ``kind`` in (``"classification"``, ``"causal"``,
 ``"diffusion"``) is the
 single learning rate of the default run; the sweep grid is :func:`lr_grid` around it: 7 points,
@@ -166,6 +177,16 @@ def _muon(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
     return OptimizerList(muon, rest)
 
 
+def _adamw_fixhead(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
+    from riemannlora import find_lora_pairs
+
+    found = find_lora_pairs(model)
+    groups = [{"params": [p for pair in found.pairs for p in (pair.a, pair.b)], "lr": lr}]
+    if found.others:
+        groups.append({"params": found.others, "lr": ctx.adamw_lr})
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+
+
 def _scaled_sgd(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
     import riemannlora
 
@@ -186,12 +207,20 @@ def _riemannian_sgd(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
     )
 
 
-def _riemannion(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
+def _riemannion(model: nn.Module, lr: float, ctx: MethodContext, **kw: Any) -> Any:
     import riemannlora
 
     return riemannlora.Riemannion(
-        model, lr=lr, momentum=0.9, scale_lr="match_adamw", generator=ctx.generator()
+        model, lr=lr, momentum=0.9, scale_lr="match_adamw", generator=ctx.generator(), **kw
     )
+
+
+def _riemannion_storeortho(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
+    return _riemannion(model, lr, ctx, store_orthogonalized=True)
+
+
+def _riemannion_fixhead(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
+    return _riemannion(model, lr, ctx, adamw_lr=ctx.adamw_lr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +277,8 @@ class Method:
 
     ``build(model, lr, ctx)`` returns an object with ``step()`` and ``zero_grad()``;
     ``init`` names an entry of :data:`INITS`; ``requires`` names attributes of the
-    ``riemannlora`` package the method needs (it is unavailable without them).
+    ``riemannlora`` package the method needs (it is unavailable without them); an ``ablation``
+    is a variant of another method, left out of ``--preset full``.
     """
 
     name: str
@@ -257,6 +287,7 @@ class Method:
     default_lr: dict[str, float]
     init: str = "lora"
     requires: tuple[str, ...] = field(default=())
+    ablation: bool = False
 
     def available(self) -> bool:
         """Whether the ``riemannlora`` features this method needs exist."""
@@ -313,6 +344,12 @@ METHODS: dict[str, Method] = {
            init="pissa"),
         _m("lora-ga", "AdamW from PEFT's LoRA-GA init (gradient of the first batch, "
            "ArB2r, stable scale)", _adamw, 2e-4, 1e-4, init="lora-ga"),
+        _m("riemannion-storeortho", "ablation: riemannion storing the orthogonalized momentum",
+           _riemannion_storeortho, 3e-3, 5e-4, 1e-2, requires=("Riemannion",), ablation=True),
+        _m("riemannion-fixhead", "ablation: riemannion with the head at the adamw default lr",
+           _riemannion_fixhead, 3e-3, 5e-4, 1e-2, requires=("Riemannion",), ablation=True),
+        _m("adamw-fixhead", "ablation: adamw with the head at the adamw default lr",
+           _adamw_fixhead, 3e-3, 5e-4, 3e-3, ablation=True),
     )
 }  # fmt: skip
 
@@ -334,9 +371,10 @@ def get_method(name: str) -> Method:
     return method
 
 
-def available_methods() -> list[str]:
-    """Names of the methods usable with this installation, in table order."""
-    return [name for name, m in METHODS.items() if m.available()]
+def available_methods(ablations: bool = True) -> list[str]:
+    """Names of the methods usable with this installation, in table order (without the
+    ablations if ``ablations`` is false)."""
+    return [name for name, m in METHODS.items() if m.available() and (ablations or not m.ablation)]
 
 
 def lr_grid(center: float, decades: float = 3.0, points_per_decade: int = 2) -> list[float]:
