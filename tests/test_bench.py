@@ -209,6 +209,26 @@ def test_write_report(tmp_path):
     _check_pngs(tmp_path)
 
 
+def test_lr_sweep_plot_clips_runaway_losses():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from riemannlora.bench.report import _loss_cap, _plot_sweep
+
+    records = [_record("sgd", lr, 0, loss) for lr, loss in ((0.1, 0.9), (1.0, 30.0), (10.0, None))]
+    cap = _loss_cap(records)
+    assert cap == pytest.approx(1.5 * 1.4)
+    assert _loss_cap([{**records[0], "eval_loss": []}]) is None
+    fig, ax = plt.subplots()
+    _plot_sweep(ax, summarize(records, ["accuracy"]), cap)
+    line, marker = ax.get_lines()
+    assert list(line.get_ydata()) == [0.9, cap]  # the 30.0 drawn at the cap, the diverged left out
+    assert list(marker.get_ydata()) == [cap] and "above the axis" in ax.get_title()
+    plt.close(fig)
+
+
 def _check_pngs(out: pathlib.Path) -> None:
     import matplotlib.image
 

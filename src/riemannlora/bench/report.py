@@ -7,7 +7,8 @@ Files written by :func:`write_report` into the output directory:
 * ``results.md`` -- the summary table (also printed);
 * ``eval_loss_curves.png`` -- eval loss vs step per method at its best learning rate (mean over
   seeds, band: min-max over seeds);
-* ``lr_sweep.png`` -- final eval loss vs learning rate per method (log x; diverged runs left out);
+* ``lr_sweep.png`` -- final eval loss vs learning rate per method (log x; diverged runs left out,
+  losses above 1.5x the untrained model's drawn as ▲ at the top of the axis);
 * ``time_per_step.png`` -- median seconds per training step per method, optimizer step shaded;
 * for runs that generate images (``diffusion``): ``samples/<run key>.png``, each run's sample
   grid, and ``samples.png``, the grids of the first seed side by side (rows: methods, columns:
@@ -148,17 +149,38 @@ def _plot_curves(ax: Any, records: list[dict[str, Any]], summary: dict[str, Any]
     ax.legend(fontsize=8)
 
 
-def _plot_sweep(ax: Any, summary: dict[str, Any]) -> None:
+def _loss_cap(records: list[dict[str, Any]]) -> float | None:
+    """Top of the y axis of the lr-sweep plot: 1.5x the largest eval loss at step 0 (the
+    untrained model), so that one runaway run does not flatten every other curve."""
+    starts = [
+        loss
+        for r in records
+        for step, loss in r.get("eval_loss", [])[:1]
+        if step == 0 and loss is not None
+    ]
+    return 1.5 * max(starts) if starts else None
+
+
+def _plot_sweep(ax: Any, summary: dict[str, Any], cap: float | None = None) -> None:
+    clipped = False
     for method, s in summary.items():
         points = [(float(lr), v) for lr, v in s["final_eval_loss_by_lr"].items() if v is not None]
-        if points:
-            ax.plot(*zip(*points), marker="o", color=_color(method), label=method)
+        if not points:
+            continue
+        color = _color(method)
+        shown = [(lr, v if cap is None else min(v, cap)) for lr, v in points]
+        ax.plot(*zip(*shown), marker="o", color=color, label=method)
+        above = [(lr, cap) for lr, v in points if cap is not None and v > cap]
+        if above:
+            clipped = True
+            ax.plot(*zip(*above), linestyle="none", marker="^", markersize=9, color=color)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("final eval loss")
-    ax.set_title("Final eval loss vs learning rate (diverged runs omitted)")
+    title = "Final eval loss vs learning rate (diverged runs omitted"
+    ax.set_title(title + ("; ▲: above the axis)" if clipped else ")"))
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
 
 
 def _plot_times(ax: Any, summary: dict[str, Any]) -> None:
@@ -187,7 +209,7 @@ def write_plots(out: pathlib.Path, records: list[dict[str, Any]], summary: dict[
         PLOTS,
         (
             lambda ax: _plot_curves(ax, records, summary),
-            lambda ax: _plot_sweep(ax, summary),
+            lambda ax: _plot_sweep(ax, summary, _loss_cap(records)),
             lambda ax: _plot_times(ax, summary),
         ),
     ):
