@@ -268,6 +268,48 @@ def test_resume_rejects_other_layout():
         rl.Riemannion(other, lr=0.01).load_state_dict(sd)
 
 
+def test_resume_rejects_other_class_corrupt_or_misshapen_state():
+    ids = token_batch()
+    _, model = peft_llama(modules_to_save=["lm_head"])
+    opt = rl.Riemannion(model, lr=0.01)
+    _train(model, opt, ids, 1)
+    sd = opt.state_dict()
+
+    def fresh(cls=rl.Riemannion):
+        _, m = peft_llama(modules_to_save=["lm_head"])
+        return cls(m, lr=0.01)
+
+    with pytest.raises(ValueError, match="another manifold optimizer than RiemannianSGD"):
+        fresh(rl.RiemannianSGD).load_state_dict(copy.deepcopy(sd))
+    other = fresh(rl.RiemannianSGD)
+    _, m2 = peft_llama(modules_to_save=["lm_head"])
+    sgd = rl.RiemannianSGD(m2, lr=0.01)
+    _train(m2, sgd, ids, 1)
+    with pytest.raises(ValueError, match="another manifold optimizer than Riemannion"):
+        fresh().load_state_dict(sgd.state_dict())
+    other.load_state_dict(sgd.state_dict())  # its own class loads
+
+    first = sd["param_groups"][0]["params"][1]  # lora_B of the first layer
+    for key, bad, match in (
+        ("momentum_left", lambda t: t.clone().fill_(float("nan")), "NaN/Inf"),
+        ("momentum_left", lambda t: t[:, :-1].clone(), "has shape"),
+    ):
+        broken = copy.deepcopy(sd)
+        broken["state"][first][key] = bad(broken["state"][first][key])
+        target = fresh()
+        saved = copy.deepcopy(target.state_dict())
+        with pytest.raises(ValueError, match=match):
+            target.load_state_dict(broken)
+        assert target.state_dict()["state"] == saved["state"] == {}  # nothing was loaded
+    head = sd["param_groups"][1]["params"][0]
+    broken = copy.deepcopy(sd)
+    broken["state"][head]["exp_avg"] = broken["state"][head]["exp_avg"].clone().fill_(float("inf"))
+    with pytest.raises(ValueError, match=r"exp_avg.*NaN/Inf"):
+        fresh().load_state_dict(broken)
+    with pytest.raises(TypeError, match="must be a dict"):
+        fresh().load_state_dict([])
+
+
 def test_other_parameters_follow_torch_adamw_bitwise():
     ids = token_batch()
     _, model = peft_llama(modules_to_save=["lm_head"])

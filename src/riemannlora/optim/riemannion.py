@@ -72,6 +72,8 @@ __all__ = ["SCALE_LR_CHOICES", "RiemannianSGD", "Riemannion", "lr_multiplier", "
 SCALE_LR_CHOICES = (None, "match_adamw")
 
 _MOMENTUM_KEYS = ("momentum_left", "momentum_right")
+#: keys of a manifold param group that only Riemannion has (tells its state from RiemannianSGD's)
+_CLASS_KEYS = ("store_orthogonalized", "scale_lr")
 
 
 def lr_multiplier(scale_lr: str | None, m: int, n: int) -> float:
@@ -722,19 +724,34 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict after checking it was saved for the same manifold layers; the
-        momentum factors keep their saved (compute) dtype."""
-        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+        """Load a state dict after checking it was saved by this optimizer class for the same
+        manifold layers and parameters, with finite values of the right shapes (nothing is
+        loaded otherwise); the momentum factors keep their saved (compute) dtype."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        groups, state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(groups, list) or not isinstance(state, dict):
+            raise ValueError("not an optimizer state dict: 'state' or 'param_groups' missing")
+        if len(groups) != len(self.param_groups):
             raise ValueError(
-                f"optimizer state dict has {len(groups) if isinstance(groups, list) else 'no'} "
-                f"param groups, this optimizer has {len(self.param_groups)}: it was saved for "
-                "another model or configuration"
+                f"optimizer state dict has {len(groups)} param groups, this optimizer has "
+                f"{len(self.param_groups)}: it was saved for another model or configuration"
             )
+        cls = type(self).__name__
         for mine, saved in zip(self.param_groups, groups):
+            if not isinstance(saved, dict) or len(saved.get("params", ())) != len(mine["params"]):
+                raise ValueError(
+                    "optimizer state dict does not match this optimizer's parameters (different "
+                    "number of parameters in a group): it was saved for another model"
+                )
             if bool(saved.get("manifold")) != mine["manifold"]:
                 raise ValueError("optimizer state dict was saved by another optimizer class")
             if mine["manifold"]:
+                if {k for k in _CLASS_KEYS if k in saved} != {k for k in _CLASS_KEYS if k in mine}:
+                    raise ValueError(
+                        f"optimizer state dict was saved by another manifold optimizer than "
+                        f"{cls} (Riemannion and RiemannianSGD keep different momenta)"
+                    )
                 for key in ("layer_names", "ranks", "offsets"):
                     if list(saved.get(key, [])) != list(mine[key]):
                         raise ValueError(
@@ -742,6 +759,30 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
                             f"({key} differ: saved {saved.get(key)!r}, model {mine[key]!r}). "
                             "Convert the model the same way first (with_offset=True for a run "
                             "started with init_loi)."
+                        )
+            for k, (idx, p) in enumerate(zip(saved["params"], mine["params"])):
+                st = state.get(idx, {})
+                for key, value in st.items() if isinstance(st, dict) else ():
+                    if not isinstance(value, Tensor):
+                        continue
+                    name = self._names.get(id(p), f"parameter of shape {tuple(p.shape)}")
+                    if mine["manifold"] and key in _MOMENTUM_KEYS:
+                        r = mine["ranks"][k // 2]
+                        rows = p.shape[1] if key == "momentum_right" else p.shape[0]
+                        expected: tuple[int, ...] = (rows, 2 * r)
+                    else:
+                        expected = () if value.dim() == 0 else tuple(p.shape)
+                    if tuple(value.shape) != expected:
+                        raise ValueError(
+                            f"optimizer state '{key}' of {name} has shape {tuple(value.shape)}, "
+                            f"expected {expected}: the state dict is from another model or rank"
+                        )
+                    if value.is_floating_point() and not bool(
+                        torch.isfinite(distributed.local(value)).all()
+                    ):
+                        raise ValueError(
+                            f"optimizer state '{key}' of {name} holds NaN/Inf: the checkpoint "
+                            "is corrupt; nothing was loaded"
                         )
         super().load_state_dict(state_dict)
         for mine, saved in zip(self.param_groups, groups):
