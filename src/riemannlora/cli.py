@@ -53,6 +53,7 @@ def _bench_epilog() -> str:
     lines = [
         "methods (default lr: classification / causal LM / diffusion; weight decay 0 everywhere):"
     ]
+    width = max(len(name) for name in METHODS) + 2
     for m in METHODS.values():
         lr = m.default_lr
         extra = "" if m.available() else "  [unavailable in this installation]"
@@ -61,7 +62,12 @@ def _bench_epilog() -> str:
             f"{lr['diffusion']:g}){extra}"
         )
         lines.append(
-            textwrap.fill(text, 96, initial_indent=f"  {m.name:<17}", subsequent_indent=" " * 19)
+            textwrap.fill(
+                text,
+                96,
+                initial_indent=f"  {m.name:<{width}}",
+                subsequent_indent=" " * (width + 2),
+            )
         )
     lines.append("")
     lines.append("tasks (default model; metric):")
