@@ -65,6 +65,7 @@ from riemannlora.manifold import ManifoldLayer, group_indices, to_manifold
 from riemannlora.optim.functional import adamw_from_group
 from riemannlora.optim.guard import NonFiniteGuard
 from riemannlora.optim.scaled import _check_number
+from riemannlora.optim.validation import check_state_dict_header
 
 __all__ = ["SCALE_LR_CHOICES", "RiemannianSGD", "Riemannion", "lr_multiplier", "manifold_step"]
 
@@ -727,16 +728,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         """Load a state dict after checking it was saved by this optimizer class for the same
         manifold layers and parameters, with finite values of the right shapes (nothing is
         loaded otherwise); the momentum factors keep their saved (compute) dtype."""
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        groups, state = state_dict.get("param_groups"), state_dict.get("state")
-        if not isinstance(groups, list) or not isinstance(state, dict):
-            raise ValueError("not an optimizer state dict: 'state' or 'param_groups' missing")
-        if len(groups) != len(self.param_groups):
-            raise ValueError(
-                f"optimizer state dict has {len(groups)} param groups, this optimizer has "
-                f"{len(self.param_groups)}: it was saved for another model or configuration"
-            )
+        groups, state = check_state_dict_header(self, state_dict)
         cls = type(self).__name__
         for mine, saved in zip(self.param_groups, groups):
             if not isinstance(saved, dict) or len(saved.get("params", ())) != len(mine["params"]):

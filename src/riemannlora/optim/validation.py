@@ -79,15 +79,11 @@ def check_lora_pair(a: Tensor, b: Tensor, name: Callable[[Tensor], str]) -> None
             )
 
 
-def check_state_dict(
-    opt: torch.optim.Optimizer,
-    state_dict: Any,
-    state_keys: Callable[[dict[str, Any]], tuple[str, ...]],
-    name: Callable[[Tensor], str],
-) -> None:
-    """Raise if ``state_dict`` was not saved by an optimizer of ``opt``'s type for this LoRA
-    layout (groups, pairs, scalings, shapes, the ``state_keys(group)`` of every non-empty
-    per-parameter state) or holds NaN/Inf. ``name(p)`` names parameters in messages."""
+def check_state_dict_header(
+    opt: torch.optim.Optimizer, state_dict: Any
+) -> tuple[list[Any], dict[Any, Any]]:
+    """Raise unless ``state_dict`` is an optimizer state dict with as many param groups as
+    ``opt``; return its ``(param_groups, state)``."""
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
     groups, state = state_dict.get("param_groups"), state_dict.get("state")
@@ -98,6 +94,19 @@ def check_state_dict(
             f"optimizer state dict has {len(groups)} param groups, this optimizer has "
             f"{len(opt.param_groups)}: it was saved for another model or configuration"
         )
+    return groups, state
+
+
+def check_state_dict(
+    opt: torch.optim.Optimizer,
+    state_dict: Any,
+    state_keys: Callable[[dict[str, Any]], tuple[str, ...]],
+    name: Callable[[Tensor], str],
+) -> None:
+    """Raise if ``state_dict`` was not saved by an optimizer of ``opt``'s type for this LoRA
+    layout (groups, pairs, scalings, shapes, the ``state_keys(group)`` of every non-empty
+    per-parameter state) or holds NaN/Inf. ``name(p)`` names parameters in messages."""
+    groups, state = check_state_dict_header(opt, state_dict)
     for mine, saved in zip(opt.param_groups, groups):
         if not isinstance(saved, dict) or "params" not in saved:
             raise ValueError("optimizer state dict has a malformed param group")
