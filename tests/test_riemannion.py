@@ -492,6 +492,19 @@ def test_structured_manifold_step_float32():
 def test_float32_optimizer_step_matches_literal_float64(opt_cls, kw):
     """The optimizer's in-place, batched float32 path against manifold_step's literal
     formulas in float64, from the same stored float32 point, gradients and momentum."""
+    _check_optimizer_against_literal(opt_cls, kw)
+
+
+def test_optimizer_householder_fallback_matches_literal_float64(monkeypatch):
+    """Every Cholesky-QR refused (the branch of degenerate steps): the retraction's
+    Householder results are written back to the parameters just as well."""
+    import riemannlora.geometry as geo
+
+    monkeypatch.setattr(geo, "_cholesky_factors", lambda gram: None)
+    _check_optimizer_against_literal(rl.Riemannion, {"weight_decay": 0.1})
+
+
+def _check_optimizer_against_literal(opt_cls, kw):
     _, model = peft_mlp(dtype=torch.float32)
     data = mlp_data(dtype=torch.float32)
     kw = {"lr": 0.05, **kw}

@@ -411,8 +411,7 @@ def retract_qr(
     to Householder QRs, which keep U orthonormal in that case too.
 
     Requires orthonormal U and Q, ``V = Q Q^T V`` and a tangent vector (``Qd^T U = 0``,
-    ``Qv^T Q = 0``). Returns ``(U_new, V_new, Q_new)`` in the compute dtype (V_new and Q_new
-    column-major).
+    ``Qv^T Q = 0``). Returns ``(U_new, V_new, Q_new)`` in the compute dtype (column-major).
     """
     U, V, Q = _cast(U, V, Q)
     return _retract_qr_(U, V, Q, t, lr, weight_decay)
@@ -448,20 +447,21 @@ def _retract_qr_(
     overwrite: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`retract_qr`; ``overwrite=True`` reuses the memory of its inputs for the outputs
-    (U_new in U, Q_new in Q, V_new in ``t.Qv``, a scratch column basis in V; U contiguous,
-    V, Q, ``t.Qv`` column-major) and ``scratch`` (a contiguous tensor with U's shape) for
-    ``[U | Qd] Uc``: no tall allocation on the fast path."""
+    (U_new in U, Q_new in Q, V_new in V, which also holds a scratch column basis; U, V, Q,
+    ``t.Qv`` column-major) and ``scratch`` (a contiguous tensor of U^T's shape) for
+    ``([U | Qd] Uc)^T``: no tall allocation on the fast path."""
     r = U.shape[-1]
     Ur, Vr, S = retraction_core(V, Q, t, lr, weight_decay)
     # U_raw = [U | Qd] Ur, column-major (computed transposed: BLAS accumulates into a wide
     # (r, m) output about twice as fast as into a tall (m, r) one)
-    out = None if scratch is None else scratch.view(*scratch.shape[:-2], r, scratch.shape[-2])
-    U_raw = _addmm_(_mm(Ur[..., :r, :].mT, U.mT, out=out), Ur[..., r:, :].mT, t.Qd.mT).mT
+    U_raw = _addmm_(_mm(Ur[..., :r, :].mT, U.mT, out=scratch), Ur[..., r:, :].mT, t.Qd.mT).mT
     chol = _cholesky_qr(U_raw)
     if chol is None:
         U_new, Ru = torch.linalg.qr(U_raw)
     else:
-        U_new, Ru = _mm(U_raw, chol[0], out=U if overwrite else None), chol[1]
+        # (U_raw Ru^{-1})^T, computed transposed: column-major like every tall result
+        U_new = _mm(chol[0].mT, U_raw.mT, out=U.mT if overwrite else None).mT
+        Ru = chol[1]
     # Y = [Q | Qv] Vr, column-major (computed transposed), into V's memory when overwriting
     Yt = _addmm_(
         _mm(Vr[..., :r, :].mT, Q.mT, out=V.mT if overwrite else None), Vr[..., r:, :].mT, t.Qv.mT
@@ -472,8 +472,8 @@ def _retract_qr_(
         V_new = _addmm_((W[..., :r, :].mT @ Q.mT), W[..., r:, :].mT, t.Qv.mT).mT
         return U_new, V_new, qr_positive(V_new)[0]
     Q_newt = _mm(chol[0].mT, Yt, out=Q.mT if overwrite else None)  # (Y Ry^{-1})^T
-    # V_new = Y S Ru^T = Q_new (Ry S Ru^T)
-    V_newt = _mm((Ru * S.unsqueeze(-2)) @ chol[1].mT, Q_newt, out=t.Qv.mT if overwrite else None)
+    # V_new = Y S Ru^T = Q_new (Ry S Ru^T), into V's memory (Y is no longer needed)
+    V_newt = _mm((Ru * S.unsqueeze(-2)) @ chol[1].mT, Q_newt, out=V.mT if overwrite else None)
     return U_new, V_newt.mT, Q_newt.mT
 
 

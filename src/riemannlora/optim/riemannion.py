@@ -18,18 +18,22 @@ the small QR/SVDs run in float32 or better and are batched over layers of equal 
 structured path of :func:`manifold_step` (:func:`riemannlora.geometry.tangent_qr`,
 :func:`~riemannlora.geometry.msign_tangent_qr`, :func:`~riemannlora.geometry.retract_qr`;
 same results as the literal formulas up to round-off). Per group of equal-shape layers a step
-stacks the parameters and gradients once, works on those stacks in place (on CPU the page faults
-of fresh multi-MB buffers cost as much as the arithmetic), updates the stacked momentum buffers
-in place and writes the parameters back with one ``_foreach_copy_`` per block. The
-momentum is stored as the factor pair ``Pm = [dU | U_old]`` ``(m, 2r)``, ``Rm = [Q_old | dV]``
-``(n, 2r)`` in ``self.state`` (``state[lora_B]["momentum_left"]``,
-``state[lora_A]["momentum_right"]``), so ``state_dict()``/``load_state_dict()`` resume exactly.
+stacks the gradient blocks (before the non-finite check) and the parameters once, every tall
+matrix transposed (``(L, r, rows)``, the layout in which MKL's thin products are fastest),
+works on those stacks in place (on CPU the page faults of fresh multi-MB buffers cost as much as
+the arithmetic), updates the stacked momentum buffers in place and writes the parameters back
+with one ``_foreach_copy_`` per block. The momentum is stored as the factor pair
+``Pm = [dU | U_old]`` ``(m, 2r)``, ``Rm = [Q_old | dV]`` ``(n, 2r)`` in ``self.state``
+(``state[lora_B]["momentum_left"]``, ``state[lora_A]["momentum_right"]``; views, with
+column-major strides, of the stacked buffers), so ``state_dict()``/``load_state_dict()``
+resume exactly.
 
 Every other trainable parameter (biases, heads, ``modules_to_save``) is updated by
 ``torch.optim.AdamW``'s own functional kernel, bitwise as ``torch.optim.AdamW`` would.
 
 Before anything changes, the gradients are checked for NaN/Inf (``nonfinite``, see
-:mod:`riemannlora.optim.guard`). Factors sharded by FSDP2 (DTensors) take
+:mod:`riemannlora.optim.guard`; for a group of equal-shape layers through the sums of the
+stacked gradient blocks the step reads, one reduction per group). Factors sharded by FSDP2 (DTensors) take
 :func:`riemannlora.distributed.manifold_step_sharded`, the same step up to summation order; the
 momentum of such layers is stored as DTensors (``momentum_left`` sharded like ``lora_B``,
 ``momentum_right`` replicated). A step with ``lr == 0`` (e.g. the first warmup step) updates the
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -154,27 +159,30 @@ def manifold_step(
     def flat(t: Tensor) -> Tensor:
         return t.reshape(-1, *t.shape[-2:])
 
-    # owned buffers in the layouts _structured_step works in (it overwrites them)
-    Ub = U.reshape(-1, m, r).clone(memory_format=torch.contiguous_format)
-    Qt = Q.mT.reshape(-1, r, n).clone(memory_format=torch.contiguous_format)
-    Vt = V.mT.reshape(-1, r, n).clone(memory_format=torch.contiguous_format)
-    GQb = GQ.reshape(-1, m, r).clone(memory_format=torch.contiguous_format)
-    GtUt = GtU.mT.reshape(-1, r, n).clone(memory_format=torch.contiguous_format)
-    Pold = Rtold = None
+    # owned buffers in the layout _structured_step works in (it overwrites them)
+    def wide(t: Tensor) -> Tensor:
+        return t.mT.reshape(-1, *t.shape[-1:], t.shape[-2]).clone(
+            memory_format=torch.contiguous_format
+        )
+
+    Ut, Qt, Vt, GQt, GtUt = wide(U), wide(Q), wide(V), wide(GQ), wide(GtU)
+    Ptold = Rtold = None
     if momentum and Pm is not None and Rm is not None:
         Pm, Rm = _cast(Pm, Rm)
-        Pold, Rtold = flat(Pm), flat(Rm.mT)
-    P_out = Ub.new_empty(Ub.shape[0], m, 2 * r) if momentum else None
-    Rt_out = Ub.new_empty(Ub.shape[0], 2 * r, n) if momentum else None
-    U_new, V_new, Q_new = _structured_step(Ub, Qt, Vt, GQb, GtUt, Pold, Rtold, P_out, Rt_out, **kw)
+        Ptold, Rtold = flat(Pm.mT), flat(Rm.mT)
+    Pt_out = Ut.new_empty(Ut.shape[0], 2 * r, m) if momentum else None
+    Rt_out = Ut.new_empty(Ut.shape[0], 2 * r, n) if momentum else None
+    U_new, V_new, Q_new = _structured_step(
+        Ut, Qt, Vt, GQt, GtUt, Ptold, Rtold, Pt_out, Rt_out, **kw
+    )
     out = [U_new.reshape(*batch, m, r), V_new.reshape(*batch, n, r), Q_new.reshape(*batch, n, r)]
-    if P_out is None or Rt_out is None:
+    if Pt_out is None or Rt_out is None:
         return out[0], out[1], out[2], None, None
     return (
         out[0],
         out[1],
         out[2],
-        P_out.reshape(*batch, m, 2 * r),
+        Pt_out.mT.reshape(*batch, m, 2 * r),
         Rt_out.mT.reshape(*batch, n, 2 * r),
     )
 
@@ -226,14 +234,14 @@ def _literal_step(
 
 
 def _structured_step(
-    U: Tensor,
+    Ut: Tensor,
     Qt: Tensor,
     Vt: Tensor,
-    GQ: Tensor,
+    GQt: Tensor,
     GtUt: Tensor,
-    Pold: Tensor | None,
+    Ptold: Tensor | None,
     Rtold: Tensor | None,
-    P_out: Tensor | None,
+    Pt_out: Tensor | None,
     Rt_out: Tensor | None,
     *,
     lr: float,
@@ -244,68 +252,87 @@ def _structured_step(
     orthogonalize: bool,
     store_orthogonalized: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The structured step on stacked ``(L, ., .)`` buffers in the compute dtype, all owned by
-    the step and overwritten, so that the fast path allocates only one tall tensor (dU):
+    """The structured step on stacked ``(L, ., .)`` buffers in the compute dtype, every tall
+    matrix transposed ("wide", ``(L, r, rows)`` contiguous, i.e. column-major): MKL's products
+    with a small ``r`` run two to four times faster in that layout than on row-major tall
+    matrices, and LAPACK's QR works in it in place.
 
-    U ``(L, m, r)``, GQ ``(L, m, r)`` contiguous (row-major); Qt, Vt ``(L, r, n)`` = Q^T, V^T
-    and GtUt ``(L, r, n) = (G^T U)^T`` contiguous (i.e. column-major Q, V, G^T U); Pold
-    ``(L, m, 2r)``, Rtold ``(L, 2r, n)``: the previous momentum ``Pm``, ``Rm^T`` (None: zero
-    momentum). The new momentum ``[dU | U]``, ``[Q | dV]^T`` is written into P_out
-    ``(L, m, 2r)`` and Rt_out ``(L, 2r, n)`` when ``momentum``; they may be Pold and Rtold
-    themselves (read before they are written), so the optimizer updates its momentum buffers
-    in place. Returns ``(U_new, V_new, Q_new)`` (on the fast path in the memory of U, GtUt and
-    Qt: U_new row-major, V_new and Q_new column-major).
+    Ut ``(L, r, m)`` = U^T, GQt ``(L, r, m)`` = (G Q)^T, Qt, Vt, GtUt ``(L, r, n)`` = Q^T, V^T,
+    (G^T U)^T, all owned by the step and overwritten; Ptold ``(L, 2r, m)``, Rtold
+    ``(L, 2r, n)``: the previous momentum ``Pm^T``, ``Rm^T`` (None: zero momentum). The new
+    momentum ``[dU | U]^T``, ``[Q | dV]^T`` is written into Pt_out and Rt_out when
+    ``momentum``; they may be Ptold and Rtold themselves (read before they are written), so the
+    optimizer updates its momentum buffers in place. Returns ``(U_new, V_new, Q_new)``,
+    column-major, in the memory of Ut, Vt and Qt (on the fast path).
     """
-    r = U.shape[-1]
     g = 1.0 - dampening
-    Q = Qt.mT
-    UtGQ = U.mT @ GQ  # (r, r)
-    # dU = g (I - U U^T) GQ + beta (I - U U^T) Pm (Rm^T Q),  dV = g G^T U + beta Rm (Pm^T U):
-    # computed as dU^T, dV^T (contiguous, i.e. column-major dU and dV for the QRs), by in-place
-    # BLAS updates (an out-of-place baddbmm costs an extra copy of its addend)
-    eye_g = torch.eye(r, dtype=U.dtype, device=U.device).mul_(g).expand(U.shape[0], r, r)
-    GtUt0 = GtUt.clone() if momentum and nesterov else GtUt
-    if momentum and Pold is not None and Rtold is not None:
-        # (2r, r) products, computed transposed (MKL is faster with the wide operand on the right)
-        RtQ = (Qt @ Rtold.mT).mT
-        PtU = (U.mT @ Pold).mT
-        K = torch.baddbmm(UtGQ, PtU.mT, RtQ, beta=g, alpha=momentum)
-        dUt = torch.bmm(RtQ.mT * momentum, Pold.mT)
-        dUt.baddbmm_(K.mT, U.mT, alpha=-1.0)
-        dVt = GtUt.baddbmm_(PtU.mT, Rtold, beta=g, alpha=momentum)
+    beta = momentum
+    UtGQ = Ut @ GQt.mT  # U^T G Q (r, r)
+    # dU = g (I - U U^T) GQ + beta (I - U U^T) Pm (Rm^T Q),  dV = g G^T U + beta Rm (Pm^T U),
+    # computed as dU^T, dV^T by in-place BLAS updates
+    GtUt0 = GtUt.clone() if beta and nesterov else GtUt
+    if beta and Ptold is not None and Rtold is not None:
+        RtQ = Rtold @ Qt.mT  # Rm^T Q (2r, r)
+        PtU = Ptold @ Ut.mT  # Pm^T U (2r, r)
+        K = torch.baddbmm(UtGQ, PtU.mT, RtQ, beta=g, alpha=beta)  # U^T (g GQ + beta Pm Rm^T Q)
+        dUt = torch.bmm(RtQ.mT * beta, Ptold).add_(GQt, alpha=g)
+        dUt.baddbmm_(K.mT, Ut, alpha=-1.0)
+        dVt = GtUt.baddbmm_(PtU.mT, Rtold, beta=g, alpha=beta)
     else:
-        dUt = torch.bmm(UtGQ.mT * -g, U.mT)
+        dUt = torch.bmm(UtGQ.mT * -g, Ut).add_(GQt, alpha=g)
         dVt = GtUt if g == 1.0 else GtUt.mul_(g)
-    dUt.baddbmm_(eye_g, GQ.mT)  # + g GQ^T (BLAS transposes GQ on the fly)
-    if momentum and nesterov:  # beta M + g xi_g
-        uUt = torch.baddbmm(dUt, UtGQ.mT, U.mT, beta=momentum, alpha=-g)
-        uUt.baddbmm_(eye_g, GQ.mT)
-        uVt = torch.add(GtUt0 if g == 1.0 else g * GtUt0, dVt, alpha=momentum)
+    if beta and nesterov:  # beta M + g xi_g
+        uUt = torch.baddbmm(dUt, UtGQ.mT, Ut, beta=beta, alpha=-g).add_(GQt, alpha=g)
+        uVt = torch.add(GtUt0 if g == 1.0 else g * GtUt0, dVt, alpha=beta)
     else:
         uUt, uVt = dUt, dVt
-    store = momentum and P_out is not None and Rt_out is not None
+    store = bool(beta) and Pt_out is not None and Rt_out is not None
     if store and not store_orthogonalized:  # before the QRs overwrite dU, dV
-        _store_momentum(P_out, Rt_out, dUt, U, Qt, dVt)
+        _store_momentum(Pt_out, Rt_out, dUt, Ut, Qt, dVt)
+    Q = Qt.mT
     t = _tangent_qr_(Q, uUt.mT, uVt.mT)  # Qd, Qv overwrite uU, uV
     if orthogonalize:
         t = msign_tangent_qr(t)
     if store and store_orthogonalized:
         mU, mV = tangent_qr_to_factors(Q, t)
-        _store_momentum(P_out, Rt_out, mU.mT, U, Qt, mV.mT)
-    return _retract_qr_(U, Vt.mT, Q, t, lr, weight_decay, scratch=GQ, overwrite=True)
+        _store_momentum(Pt_out, Rt_out, mU.mT, Ut, Qt, mV.mT)
+    return _retract_qr_(Ut.mT, Vt.mT, Q, t, lr, weight_decay, scratch=GQt, overwrite=True)
 
 
 def _store_momentum(
-    P_out: Tensor | None, Rt_out: Tensor | None, dUt: Tensor, U: Tensor, Qt: Tensor, dVt: Tensor
+    Pt_out: Tensor | None,
+    Rt_out: Tensor | None,
+    dUt: Tensor,
+    Ut: Tensor,
+    Qt: Tensor,
+    dVt: Tensor,
 ) -> None:
-    """``P_out = [dU | U]``, ``Rt_out = [Q | dV]^T``."""
-    if P_out is None or Rt_out is None:
+    """``Pt_out = [dU | U]^T``, ``Rt_out = [Q | dV]^T``."""
+    if Pt_out is None or Rt_out is None:
         return
-    r = U.shape[-1]
-    P_out[..., :r].copy_(dUt.mT)
-    P_out[..., r:].copy_(U)
+    r = Ut.shape[-2]
+    Pt_out[:, :r].copy_(dUt)
+    Pt_out[:, r:].copy_(Ut)
     Rt_out[:, :r].copy_(Qt)
     Rt_out[:, r:].copy_(dVt)
+
+
+@dataclass(eq=False)
+class _GroupPlan:
+    """A group of manifold layers stepped together (equal shape, rank, offset, dtype, device
+    and process group): its step settings and, for the structured path, its stacked momentum
+    and gradient blocks (filled before the non-finite check)."""
+
+    key: tuple[Any, ...]
+    A: list[Tensor]
+    B: list[Tensor]
+    kw: dict[str, Any]
+    GQt: Tensor | None = None
+    GtUt: Tensor | None = None
+    Pt: Tensor | None = None
+    Rt: Tensor | None = None
+    fresh: bool = True
+    cdt: torch.dtype = torch.float32
 
 
 def _factor(layer: ManifoldLayer, name: str) -> Any:
@@ -456,21 +483,62 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        grads = [p.grad for p in params]
-        names = lambda: [  # noqa: E731
-            f"gradient of {self._names.get(id(p), 'a parameter')}" for p in params
-        ]
-        if not self._step_allowed(grads, names, sharded_like=params):
-            return loss
-        for group in self.param_groups:
-            if group["manifold"]:
-                self._manifold_step(group)
+        plans = [self._plan(g) if g["manifold"] else None for g in self.param_groups]
+        # what the guard checks: the raw gradients, except that a structured group of layers is
+        # checked through the sums of its stacked gradient blocks (the only parts of the
+        # gradients the step reads), a single reduction instead of one per tensor
+        tensors: list[Tensor] = []
+        labels: list[Any] = []
+        like: list[Tensor] = []
+        for group, plan in zip(self.param_groups, plans):
+            if plan is None:
+                ps = [p for p in group["params"] if p.grad is not None]
             else:
+                ps = []
+                for item in plan:
+                    if item.GQt is None or item.GtUt is None:
+                        ps += [p for pair in zip(item.A, item.B) for p in pair]
+                        continue
+                    tensors.append(torch.stack([item.GQt.sum(), item.GtUt.sum()]))
+                    labels.append(item)
+            tensors += [p.grad for p in ps]
+            labels += ps
+            like += ps
+
+        def names() -> list[str]:
+            return [
+                self._bad_group_grads(x)
+                if isinstance(x, _GroupPlan)
+                else f"gradient of {self._names.get(id(x), 'a parameter')}"
+                for x in labels
+            ]
+
+        if not self._step_allowed(tensors, names, sharded_like=like):
+            return loss
+        for group, plan in zip(self.param_groups, plans):
+            if plan is None:
                 self._adamw_step(group)
+            else:
+                self._manifold_step(plan)
         return loss
 
-    def _manifold_step(self, group: dict[str, Any]) -> None:
+    def _bad_group_grads(self, item: _GroupPlan) -> str:
+        """Names the factors of a structured group whose gradient blocks are not finite (the
+        slow path of a failed check)."""
+        r = item.key[2]
+        blocks = [(a, a.grad[r : 2 * r]) for a in item.A] + [(b, b.grad[:, :r]) for b in item.B]
+        bad = [
+            self._names.get(id(p), "a LoRA factor")
+            for p, block in blocks
+            if not bool(torch.isfinite(block).all())
+        ]
+        return "gradient of " + (", ".join(bad) if bad else f"one of {len(blocks)} LoRA factors")
+
+    def _plan(self, group: dict[str, Any]) -> list[_GroupPlan]:
+        """The manifold layers with gradients, grouped by shape (rank, offset, dtype, device and
+        process group) with their step settings; a structured group also gets its stacked
+        momentum and gradient blocks. Raises before anything changes on replaced factors or a
+        layer with only one gradient."""
         params = group["params"]
         ranks, offsets = group["ranks"], group["offsets"]
         active: list[int] = []
@@ -491,9 +559,9 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             pg = distributed.pair_group(a, b, repr(layer.name))
             keys.append((b.shape[0], a.shape[1], ranks[k], offsets[k], a.dtype, a.device, pg))
         lr, wd, beta = float(group["lr"]), group["weight_decay"], group["momentum"]
-        sharded: dict[Any, list[tuple[tuple[Any, ...], distributed.ShardedManifoldGroup]]] = {}
+        plan = []
         for key, idx in group_indices(keys).items():
-            m, n, r, _, dtype, _, pg = key
+            m, n, r, _, _, _, pg = key
             ks = [active[i] for i in idx]
             A = [params[2 * k] for k in ks]
             B = [params[2 * k + 1] for k in ks]
@@ -509,11 +577,22 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
                 "orthogonalize": self._orthogonalize,
                 "store_orthogonalized": group.get("store_orthogonalized", False),
             }
+            item = _GroupPlan(key, A, B, kw)
+            if pg is None and 2 * r <= min(m, n):
+                self._stack_group(item)
+            plan.append(item)
+        return plan
+
+    def _manifold_step(self, plan: list[_GroupPlan]) -> None:
+        sharded: dict[Any, list[tuple[tuple[Any, ...], distributed.ShardedManifoldGroup]]] = {}
+        for item in plan:
+            key, A, B, kw = item.key, item.A, item.B, item.kw
+            m, n, r, _, dtype, _, pg = key
             if pg is not None:
                 sharded.setdefault(pg, []).append((key, self._sharded_group(A, B, r, kw)))
                 continue
-            if 2 * r <= min(m, n):
-                self._structured_group(key, A, B, kw)
+            if item.GQt is not None:
+                self._structured_group(item)
             else:
                 self._literal_group(A, B, m, n, r, dtype, kw)
             self._count_step(key, B)
@@ -578,54 +657,65 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             self.state[b]["step"] = view
         self._step_cache[key] = (counts, views)
 
-    def _structured_group(
-        self, key: tuple[Any, ...], A: list[Tensor], B: list[Tensor], kw: dict[str, Any]
-    ) -> None:
+    def _stack_group(self, item: _GroupPlan) -> None:
+        """The stacked momentum ``(Pm^T, Rm^T)`` of a structured group and its gradient blocks
+        ``(G Q)^T``, ``(G^T U)^T`` ``(L, r, m)``, ``(L, r, n)`` in the compute dtype."""
+        key, A, B = item.key, item.A, item.B
+        r = key[2]
+        if item.kw["momentum"]:
+            item.Pt, item.Rt, item.fresh = self._stacked_momentum(key, A, B)
+        item.cdt = compute_dtype(A[0], *([] if item.Pt is None else [item.Pt]))
+        item.GQt = torch.stack([b.grad[:, :r].mT for b in B]).to(item.cdt)
+        item.GtUt = torch.stack([a.grad[r : 2 * r] for a in A]).to(item.cdt)
+
+    def _structured_group(self, item: _GroupPlan) -> None:
         """One group of equal-shape layers by :func:`_structured_step`. The momentum buffers
         of the group are stacked once and then updated in place every step while the state
         still holds exactly their views (no fresh multi-MB allocation per step: on CPU the
         page faults of fresh memory cost as much as the arithmetic)."""
+        key, A, B, kw, cdt = item.key, item.A, item.B, item.kw, item.cdt
         r = key[2]
         dtype = A[0].dtype
-        Pm = Rmt = None
-        fresh = True
-        if kw["momentum"]:
-            Pm, Rmt, fresh = self._stacked_momentum(key, A, B)
-        cdt = compute_dtype(A[0], *([] if Pm is None else [Pm]))
-        u_views, q_views, v_views = self._param_views(key, A, B)
-        U = torch.stack(u_views).to(cdt)
-        Qt = torch.stack(q_views).to(cdt)  # contiguous row blocks of lora_A
-        Vt = torch.stack(v_views).to(cdt)
-        GQ = torch.stack([b.grad[:, :r] for b in B]).to(cdt)
-        GtUt = torch.stack([a.grad[r : 2 * r] for a in A]).to(cdt)
-        if Pm is not None and Rmt is not None and Pm.dtype != cdt:
-            Pm, Rmt, fresh = Pm.to(cdt), Rmt.to(cdt), True
-        Pold, Rtold = Pm, Rmt
-        if kw["momentum"] and (Pm is None or Rmt is None):
-            Pm = U.new_empty(U.shape[0], U.shape[1], 2 * r)
-            Rmt = U.new_empty(U.shape[0], 2 * r, Qt.shape[-1])
-        U_new, V_new, Q_new = _structured_step(U, Qt, Vt, GQ, GtUt, Pold, Rtold, Pm, Rmt, **kw)
+        Pt, Rt, fresh = item.Pt, item.Rt, item.fresh
+        u_views, qv_views = self._param_views(key, A, B)
+        # every tall block transposed ("wide", see _structured_step): U^T is a transposing
+        # copy, [Q | V]^T = (L, 2r, n) the first 2r contiguous rows of lora_A
+        Ut = torch.stack(u_views).to(cdt)
+        QVt = torch.stack(qv_views).to(cdt)
+        Qt, Vt = QVt[:, :r], QVt[:, r:]
+        if Pt is not None and Rt is not None and Pt.dtype != cdt:
+            Pt, Rt, fresh = Pt.to(cdt), Rt.to(cdt), True
+        Ptold, Rtold = Pt, Rt
+        if kw["momentum"] and (Pt is None or Rt is None):
+            Pt = Ut.new_empty(Ut.shape[0], 2 * r, Ut.shape[-1])
+            Rt = Ut.new_empty(Ut.shape[0], 2 * r, Qt.shape[-1])
+        assert item.GQt is not None and item.GtUt is not None
+        U_new, V_new, Q_new = _structured_step(
+            Ut, Qt, Vt, item.GQt, item.GtUt, Ptold, Rtold, Pt, Rt, **kw
+        )
         # straight into the parameters, per layer (cheaper than assembling whole new tensors);
         # lr = 0 (e.g. the first warmup step) keeps the point exactly, the momentum still moves
         if kw["lr"] != 0:
-            torch._foreach_copy_(u_views, list(U_new.to(dtype).unbind(0)))
-            torch._foreach_copy_(q_views, list(Q_new.mT.to(dtype).unbind(0)))
-            torch._foreach_copy_(v_views, list(V_new.mT.to(dtype).unbind(0)))
-        if Pm is None or Rmt is None or not fresh:
-            return  # no momentum, or updated in place: the state holds views of Pm, Rmt
-        lefts, rights = Pm.unbind(0), Rmt.mT.unbind(0)
+            torch._foreach_copy_(u_views, list(U_new.mT.to(dtype).unbind(0)))
+            if Q_new.data_ptr() == Qt.data_ptr() and V_new.data_ptr() == Vt.data_ptr():
+                torch._foreach_copy_(qv_views, list(QVt.to(dtype).unbind(0)))  # fast path
+            else:  # the retraction's Householder fallback returns new tensors
+                torch._foreach_copy_([v[:r] for v in qv_views], list(Q_new.mT.to(dtype).unbind(0)))
+                torch._foreach_copy_([v[r:] for v in qv_views], list(V_new.mT.to(dtype).unbind(0)))
+        if Pt is None or Rt is None or not fresh:
+            return  # no momentum, or updated in place: the state holds views of Pt, Rt
+        lefts, rights = Pt.mT.unbind(0), Rt.mT.unbind(0)
         for a, b, left, right in zip(A, B, lefts, rights):
             self.state[b]["momentum_left"] = left
             self.state[a]["momentum_right"] = right
-        self._momentum_cache[key] = (Pm, Rmt, lefts, rights)
+        self._momentum_cache[key] = (Pt, Rt, lefts, rights)
 
     def _param_views(
         self, key: tuple[Any, ...], A: list[Tensor], B: list[Tensor]
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """The views ``U = b[:, r:2r]``, ``Q^T = a[:r]``, ``V^T = a[r:2r]`` of a group's
-        parameters, cached across steps (slicing a Parameter costs microseconds, times three
-        views, times every layer, every step); rebuilt when a parameter object or its storage
-        changed."""
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """The views ``U^T = b[:, r:2r]^T`` and ``[Q | V]^T = a[:2r]`` of a group's parameters,
+        cached across steps (slicing a Parameter costs microseconds, times every layer, every
+        step); rebuilt when a parameter object or its storage changed."""
         r = key[2]
         ptrs = [p.data_ptr() for p in A] + [p.data_ptr() for p in B]
         cached = self._view_cache.get(key)
@@ -637,7 +727,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             and all(x is y for x, y in zip(cached[2], B))
         ):
             return cached[3]
-        views = ([b[:, r : 2 * r] for b in B], [a[:r] for a in A], [a[r : 2 * r] for a in A])
+        views = ([b[:, r : 2 * r].mT for b in B], [a[: 2 * r] for a in A])
         self._view_cache[key] = (ptrs, list(A), list(B), views)
         # Z1 = 0 always: nothing but to_manifold writes it, so it is reset here, once per
         # (re)built cache, instead of every step
@@ -647,7 +737,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
     def _stacked_momentum(
         self, key: tuple[Any, ...], A: list[Tensor], B: list[Tensor]
     ) -> tuple[Tensor | None, Tensor | None, bool]:
-        """``(Pm, Rm^T, fresh)`` of a group, stacked ``(L, m, 2r)``, ``(L, 2r, n)`` contiguous
+        """``(Pm^T, Rm^T, fresh)`` of a group, stacked ``(L, 2r, m)``, ``(L, 2r, n)`` contiguous
         (None: no momentum yet). ``fresh=False``: the buffers of the previous step, whose views
         the state still holds exactly; otherwise a new stack of the state's tensors (same
         layout either way, so a resumed run is bitwise the same)."""
@@ -668,7 +758,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         m, n, r = key[0], key[1], key[2]
         lefts = [ref.new_zeros(m, 2 * r) if x is None else x for x in lefts]
         rights = [ref.new_zeros(n, 2 * r) if x is None else x for x in rights]
-        return torch.stack(lefts), torch.stack([x.mT for x in rights]), True
+        return torch.stack([x.mT for x in lefts]), torch.stack([x.mT for x in rights]), True
 
     def _literal_group(
         self,
