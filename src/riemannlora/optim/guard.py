@@ -2,7 +2,8 @@
 
 A non-finite gradient that reaches the weights ruins them, and through Adam's second moment it
 ruins every later step too. The optimizers of this package check, before they change anything,
-the raw gradients and the preconditioned directions. ``nonfinite`` picks what happens then:
+the raw gradients (Riemannion and RiemannianSGD: the gradient blocks their step reads) and the
+preconditioned directions. ``nonfinite`` picks what happens then:
 
 * ``"skip"`` (default): the whole step is skipped. No parameter, state or step counter changes,
   ``optimizer.skipped_steps`` goes up by one and a warning is logged. This is what AMP's
@@ -15,7 +16,9 @@ The check costs one fused reduction and one host sync per step: the 2-norm of ev
 (``torch._foreach_norm``, accumulated in float32 or better, no copies), stacked, one
 ``isfinite().all()``. A norm that overflows float32 (entries beyond about ``1e19``) counts as
 non-finite, which is also where AdamW's second moment ``g^2`` overflows. The infinity norm would
-avoid that but costs 4x more on CPUs. With sharded (DTensor) tensors it reads the local shards and
+avoid that but costs 4x more on CPUs. The manifold optimizers pass, per group of equal-shape
+layers, the sums of the stacked gradient blocks instead of the gradients themselves (one
+reduction per group; NaN or Inf anywhere makes the sum non-finite). With sharded (DTensor) tensors it reads the local shards and
 all-reduces the verdict, so that every rank skips the same steps.
 """
 
