@@ -449,7 +449,8 @@ def _retract_qr_(
     """:func:`retract_qr`; ``overwrite=True`` reuses the memory of its inputs for the outputs
     (U_new in U, Q_new in Q, V_new in V, which also holds a scratch column basis; U, V, Q,
     ``t.Qv`` column-major) and ``scratch`` (a contiguous tensor of U^T's shape) for
-    ``([U | Qd] Uc)^T``: no tall allocation on the fast path."""
+    ``([U | Qd] Uc)^T``: no tall allocation on the fast path; the Householder fallbacks copy
+    their results into the same memory, so callers read U, V and Q whichever path ran."""
     r = U.shape[-1]
     Ur, Vr, S = retraction_core(V, Q, t, lr, weight_decay)
     # U_raw = [U | Qd] Ur, column-major (computed transposed: BLAS accumulates into a wide
@@ -458,6 +459,8 @@ def _retract_qr_(
     chol = _cholesky_qr(U_raw)
     if chol is None:
         U_new, Ru = torch.linalg.qr(U_raw)
+        if overwrite:
+            U_new = U.copy_(U_new)
     else:
         # (U_raw Ru^{-1})^T, computed transposed: column-major like every tall result
         U_new = _mm(chol[0].mT, U_raw.mT, out=U.mT if overwrite else None).mT
@@ -470,7 +473,10 @@ def _retract_qr_(
     if chol is None:
         W = (Vr * S.unsqueeze(-2)) @ Ru.mT  # (2r, r): V_new = [Q | Qv] W
         V_new = _addmm_((W[..., :r, :].mT @ Q.mT), W[..., r:, :].mT, t.Qv.mT).mT
-        return U_new, V_new, qr_positive(V_new)[0]
+        Q_new = qr_positive(V_new)[0]
+        if overwrite:  # V_new was computed from Q, so Q is overwritten last
+            V_new, Q_new = V.copy_(V_new), Q.copy_(Q_new)
+        return U_new, V_new, Q_new
     Q_newt = _mm(chol[0].mT, Yt, out=Q.mT if overwrite else None)  # (Y Ry^{-1})^T
     # V_new = Y S Ru^T = Q_new (Ry S Ru^T), into V's memory (Y is no longer needed)
     V_newt = _mm((Ru * S.unsqueeze(-2)) @ chol[1].mT, Q_newt, out=V.mT if overwrite else None)

@@ -263,7 +263,7 @@ def _structured_step(
     momentum ``[dU | U]^T``, ``[Q | dV]^T`` is written into Pt_out and Rt_out when
     ``momentum``; they may be Ptold and Rtold themselves (read before they are written), so the
     optimizer updates its momentum buffers in place. Returns ``(U_new, V_new, Q_new)``,
-    column-major, in the memory of Ut, Vt and Qt (on the fast path).
+    column-major, in the memory of Ut, Vt and Qt.
     """
     g = 1.0 - dampening
     beta = momentum
@@ -690,18 +690,13 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             Pt = Ut.new_empty(Ut.shape[0], 2 * r, Ut.shape[-1])
             Rt = Ut.new_empty(Ut.shape[0], 2 * r, Qt.shape[-1])
         assert item.GQt is not None and item.GtUt is not None
-        U_new, V_new, Q_new = _structured_step(
-            Ut, Qt, Vt, item.GQt, item.GtUt, Ptold, Rtold, Pt, Rt, **kw
-        )
+        # the new point lands in Ut, Qt and Vt, i.e. in Ut and QVt (on every path)
+        _structured_step(Ut, Qt, Vt, item.GQt, item.GtUt, Ptold, Rtold, Pt, Rt, **kw)
         # straight into the parameters, per layer (cheaper than assembling whole new tensors);
         # lr = 0 (e.g. the first warmup step) keeps the point exactly, the momentum still moves
         if kw["lr"] != 0:
-            torch._foreach_copy_(u_views, list(U_new.mT.to(dtype).unbind(0)))
-            if Q_new.data_ptr() == Qt.data_ptr() and V_new.data_ptr() == Vt.data_ptr():
-                torch._foreach_copy_(qv_views, list(QVt.to(dtype).unbind(0)))  # fast path
-            else:  # the retraction's Householder fallback returns new tensors
-                torch._foreach_copy_([v[:r] for v in qv_views], list(Q_new.mT.to(dtype).unbind(0)))
-                torch._foreach_copy_([v[r:] for v in qv_views], list(V_new.mT.to(dtype).unbind(0)))
+            torch._foreach_copy_(u_views, list(Ut.to(dtype).unbind(0)))
+            torch._foreach_copy_(qv_views, list(QVt.to(dtype).unbind(0)))
         if Pt is None or Rt is None or not fresh:
             return  # no momentum, or updated in place: the state holds views of Pt, Rt
         lefts, rights = Pt.mT.unbind(0), Rt.mT.unbind(0)
