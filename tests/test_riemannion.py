@@ -550,6 +550,59 @@ def _check_optimizer_against_literal(opt_cls, kw):
             )
 
 
+def _llama_run(steps, before_step=None):
+    """Riemannion on the tiny Llama (two equal-shape layers per group); ``before_step(k, model,
+    layers)`` runs after each backward pass. Returns (model, layers, points per step)."""
+    _, model = peft_llama()
+    ids = token_batch()
+    opt = rl.Riemannion(model, lr=0.05, generator=torch.Generator().manual_seed(0))
+    layers = manifold_layers(model)
+    points = []
+    for k in range(steps):
+        opt.zero_grad()
+        lm_loss(model, ids).backward()
+        if before_step is not None:
+            before_step(k, model, layers)
+        opt.step()
+        points.append([layer.point().detach().clone() for layer in layers])
+    return model, layers, points
+
+
+def test_step_follows_factors_moved_to_new_storage():
+    """The optimizer keeps per-group buffers and views of the factors across steps; factors
+    given new storage (``p.data = ...``) between steps are read and written there."""
+
+    def move(k, model, layers):
+        for layer in layers:
+            for p in (layer.a, layer.b):
+                p.data = p.data.clone()
+
+    _, _, plain = _llama_run(4)
+    _, _, moved = _llama_run(4, move)
+    for step_plain, step_moved in zip(plain, moved):
+        for x, y in zip(step_plain, step_moved):
+            assert torch.equal(x, y)
+
+
+def test_layer_without_gradient_is_left_alone_for_that_step():
+    """A layer whose gradients are None in one step keeps its point (and its group's other
+    layers step as usual); the next step with every gradient present steps it again."""
+
+    def drop(k, model, layers):
+        if k == 1:
+            layers[0].a.grad = layers[0].b.grad = None
+
+    _, _, plain = _llama_run(3)
+    _, layers, dropped = _llama_run(3, drop)
+    assert torch.equal(dropped[1][0], dropped[0][0])
+    for j in range(1, len(layers)):
+        torch.testing.assert_close(dropped[1][j], plain[1][j], rtol=1e-5, atol=1e-7)
+    assert not torch.equal(dropped[2][0], dropped[1][0])
+    for layer in layers:
+        U = layer.U().detach()
+        torch.testing.assert_close(U.mT @ U, torch.eye(layer.rank), atol=1e-6, rtol=0)
+
+
 def test_momentum_buffers_are_updated_in_place():
     """After the first step the stacked momentum buffers are reused: same tensors in the state,
     new values; a state replaced by load_state_dict is picked up instead."""

@@ -18,11 +18,12 @@ the small QR/SVDs run in float32 or better and are batched over layers of equal 
 structured path of :func:`manifold_step` (:func:`riemannlora.geometry.tangent_qr`,
 :func:`~riemannlora.geometry.msign_tangent_qr`, :func:`~riemannlora.geometry.retract_qr`;
 same results as the literal formulas up to round-off). Per group of equal-shape layers a step
-stacks the gradient blocks (before the non-finite check) and the parameters once, every tall
-matrix transposed (``(L, r, rows)``, the layout in which MKL's thin products are fastest),
-works on those stacks in place (on CPU the page faults of fresh multi-MB buffers cost as much as
-the arithmetic), updates the stacked momentum buffers in place and writes the parameters back
-with one ``_foreach_copy_`` per block. The momentum is stored as the factor pair
+gathers the gradient blocks (before the non-finite check) and the parameters into buffers kept
+across steps, every tall matrix transposed (``(L, r, rows)``, the layout in which MKL's thin
+products are fastest), works in those buffers in place (on CPU the page faults of fresh
+multi-MB buffers cost as much as the arithmetic; the buffers take ``3 r (m + n)`` numbers per
+layer), updates the stacked momentum buffers in place and writes the parameters back with one
+``_foreach_copy_`` per block. The momentum is stored as the factor pair
 ``Pm = [dU | U_old]`` ``(m, 2r)``, ``Rm = [Q_old | dV]`` ``(n, 2r)`` in ``self.state``
 (``state[lora_B]["momentum_left"]``, ``state[lora_A]["momentum_right"]``; views, with
 column-major strides, of the stacked buffers), so ``state_dict()``/``load_state_dict()``
@@ -43,6 +44,7 @@ momentum and leaves the point exactly as it is.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -251,6 +253,7 @@ def _structured_step(
     nesterov: bool,
     orthogonalize: bool,
     store_orthogonalized: bool,
+    scratch: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The structured step on stacked ``(L, ., .)`` buffers in the compute dtype, every tall
     matrix transposed ("wide", ``(L, r, rows)`` contiguous, i.e. column-major): MKL's products
@@ -262,8 +265,12 @@ def _structured_step(
     ``(L, 2r, n)``: the previous momentum ``Pm^T``, ``Rm^T`` (None: zero momentum). The new
     momentum ``[dU | U]^T``, ``[Q | dV]^T`` is written into Pt_out and Rt_out when
     ``momentum``; they may be Ptold and Rtold themselves (read before they are written), so the
-    optimizer updates its momentum buffers in place. Returns ``(U_new, V_new, Q_new)``,
-    column-major, in the memory of Ut, Vt and Qt.
+    optimizer updates its momentum buffers in place. ``scratch``: a contiguous buffer of
+    Ut's shape and dtype (None: one is allocated); with it (and without Nesterov) dU is also
+    computed in GQt's memory, so a step allocates no tall matrix. The outputs should be
+    contiguous tensors, not slices of a larger batch (CPU ``bmm`` into a batch-strided output
+    falls back to one ``addmm`` per layer). Returns ``(U_new, V_new, Q_new)``, column-major,
+    in the memory of Ut, Vt and Qt.
     """
     g = 1.0 - dampening
     beta = momentum
@@ -271,15 +278,23 @@ def _structured_step(
     # dU = g (I - U U^T) GQ + beta (I - U U^T) Pm (Rm^T Q),  dV = g G^T U + beta Rm (Pm^T U),
     # computed as dU^T, dV^T by in-place BLAS updates
     GtUt0 = GtUt.clone() if beta and nesterov else GtUt
+    # dU in GQt's memory unless Nesterov still needs G Q (then the retraction's scratch is GQt)
+    in_place = scratch is not None and not (beta and nesterov)
     if beta and Ptold is not None and Rtold is not None:
         RtQ = Rtold @ Qt.mT  # Rm^T Q (2r, r)
         PtU = Ptold @ Ut.mT  # Pm^T U (2r, r)
         K = torch.baddbmm(UtGQ, PtU.mT, RtQ, beta=g, alpha=beta)  # U^T (g GQ + beta Pm Rm^T Q)
-        dUt = torch.bmm(RtQ.mT * beta, Ptold).add_(GQt, alpha=g)
+        if in_place:
+            dUt = GQt.baddbmm_(RtQ.mT, Ptold, beta=g, alpha=beta)
+        else:
+            dUt = torch.bmm(RtQ.mT * beta, Ptold).add_(GQt, alpha=g)
         dUt.baddbmm_(K.mT, Ut, alpha=-1.0)
         dVt = GtUt.baddbmm_(PtU.mT, Rtold, beta=g, alpha=beta)
     else:
-        dUt = torch.bmm(UtGQ.mT * -g, Ut).add_(GQt, alpha=g)
+        if in_place:
+            dUt = GQt.baddbmm_(UtGQ.mT, Ut, beta=g, alpha=-g)
+        else:
+            dUt = torch.bmm(UtGQ.mT * -g, Ut).add_(GQt, alpha=g)
         dVt = GtUt if g == 1.0 else GtUt.mul_(g)
     if beta and nesterov:  # beta M + g xi_g
         uUt = torch.baddbmm(dUt, UtGQ.mT, Ut, beta=beta, alpha=-g).add_(GQt, alpha=g)
@@ -296,7 +311,9 @@ def _structured_step(
     if store and store_orthogonalized:
         mU, mV = tangent_qr_to_factors(Q, t)
         _store_momentum(Pt_out, Rt_out, mU.mT, Ut, Qt, mV.mT)
-    return _retract_qr_(Ut.mT, Vt.mT, Q, t, lr, weight_decay, scratch=GQt, overwrite=True)
+    return _retract_qr_(
+        Ut.mT, Vt.mT, Q, t, lr, weight_decay, scratch=scratch if in_place else GQt, overwrite=True
+    )
 
 
 def _store_momentum(
@@ -318,21 +335,102 @@ def _store_momentum(
 
 
 @dataclass(eq=False)
+class _Workspace:
+    """The buffers a structured group of layers steps in, kept across steps: on CPU the page
+    faults of fresh multi-MB buffers cost as much as the arithmetic, and slicing the parameters
+    anew costs microseconds per layer. Every buffer is a contiguous ``(L, r, rows)`` stack in
+    the compute dtype (a step writes its products into them; CPU ``bmm`` into a slice of a
+    larger batch falls back to one product per layer).
+
+    ``u_views`` (``b[:, r:2r]^T``), ``q_views`` (``a[:r]``), ``v_views`` (``a[r:2r]``): the
+    blocks of the parameters a step reads and writes; ``*_items``: the buffers' per-layer views
+    for the write-back."""
+
+    A: list[Tensor]
+    B: list[Tensor]
+    ptrs: list[int]
+    cdt: torch.dtype
+    u_views: list[Tensor]
+    q_views: list[Tensor]
+    v_views: list[Tensor]
+    Ut: Tensor
+    Qt: Tensor
+    Vt: Tensor
+    GQt: Tensor
+    GtUt: Tensor
+    scratch: Tensor
+    Ut_items: list[Tensor]
+    Qt_items: list[Tensor]
+    Vt_items: list[Tensor]
+
+    @classmethod
+    def build(cls, A: list[Tensor], B: list[Tensor], r: int, cdt: torch.dtype) -> _Workspace:
+        L, m, n = len(A), B[0].shape[0], A[0].shape[1]
+
+        def stack(rows: int) -> Tensor:
+            return A[0].new_empty(L, r, rows, dtype=cdt)
+
+        Ut, Qt, Vt = stack(m), stack(n), stack(n)
+        return cls(
+            A=list(A),
+            B=list(B),
+            ptrs=_data_ptrs(A, B),
+            cdt=cdt,
+            u_views=[b[:, r : 2 * r].mT for b in B],
+            q_views=[a[:r] for a in A],
+            v_views=[a[r : 2 * r] for a in A],
+            Ut=Ut,
+            Qt=Qt,
+            Vt=Vt,
+            GQt=stack(m),
+            GtUt=stack(n),
+            scratch=stack(m),
+            Ut_items=list(Ut.unbind(0)),
+            Qt_items=list(Qt.unbind(0)),
+            Vt_items=list(Vt.unbind(0)),
+        )
+
+    def matches(self, A: list[Tensor], B: list[Tensor], cdt: torch.dtype) -> bool:
+        """Whether the buffers still belong to exactly these parameters (same objects, same
+        storage) in this compute dtype."""
+        return (
+            cdt == self.cdt
+            and len(A) == len(self.A)
+            and all(map(operator.is_, A, self.A))
+            and all(map(operator.is_, B, self.B))
+            and _data_ptrs(A, B) == self.ptrs
+        )
+
+
+def _data_ptrs(A: list[Tensor], B: list[Tensor]) -> list[int]:
+    return [p.data_ptr() for p in A] + [p.data_ptr() for p in B]
+
+
+@dataclass(eq=False)
 class _GroupPlan:
     """A group of manifold layers stepped together (equal shape, rank, offset, dtype, device
     and process group): its step settings and, for the structured path, its stacked momentum
-    and gradient blocks (filled before the non-finite check)."""
+    and its workspace, whose gradient blocks are filled before the non-finite check."""
 
     key: tuple[Any, ...]
     A: list[Tensor]
     B: list[Tensor]
     kw: dict[str, Any]
-    GQt: Tensor | None = None
-    GtUt: Tensor | None = None
+    ws: _Workspace | None = None
     Pt: Tensor | None = None
     Rt: Tensor | None = None
     fresh: bool = True
     cdt: torch.dtype = torch.float32
+
+
+@dataclass(eq=False)
+class _Grouping:
+    """The grouping of a manifold param group's layers by key, valid while the group holds
+    exactly these parameter objects with this storage and every layer has both gradients."""
+
+    params: list[Tensor]
+    ptrs: list[int]
+    groups: list[tuple[tuple[Any, ...], list[int]]]
 
 
 def _factor(layer: ManifoldLayer, name: str) -> Any:
@@ -437,6 +535,9 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             groups.append({"params": others, **self._adamw_defaults})
         super().__init__(groups, defaults)
         self._layers: list[ManifoldLayer] = layers
+        # where each layer's factors live (module dict, adapter): the per-step check that they
+        # were not replaced, without nn.Module.__getattr__
+        self._slots = [(layer.module._modules, layer.adapter) for layer in layers]
         self._layer_param_ids = in_layers
         self._built = True
         names = {id(p): n for n, p in model.named_parameters()}
@@ -449,7 +550,8 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         # per group of equal-shape layers: the stacked momentum buffers of the last step and the
         # views of them held in self.state (reused while the state still holds those views)
         self._momentum_cache: dict[tuple[Any, ...], tuple[Tensor, Tensor, Any, Any]] = {}
-        self._view_cache: dict[tuple[Any, ...], Any] = {}
+        self._workspaces: dict[tuple[Any, ...], _Workspace] = {}
+        self._grouping: _Grouping | None = None
         self._step_cache: dict[tuple[Any, ...], Any] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -496,10 +598,10 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             else:
                 ps = []
                 for item in plan:
-                    if item.GQt is None or item.GtUt is None:
+                    if item.ws is None:
                         ps += [p for pair in zip(item.A, item.B) for p in pair]
                         continue
-                    tensors.append(torch.stack([item.GQt.sum(), item.GtUt.sum()]))
+                    tensors.append(torch.stack([item.ws.GQt.sum(), item.ws.GtUt.sum()]))
                     labels.append(item)
             tensors += [p.grad for p in ps]
             labels += ps
@@ -537,8 +639,66 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
     def _plan(self, group: dict[str, Any]) -> list[_GroupPlan]:
         """The manifold layers with gradients, grouped by shape (rank, offset, dtype, device and
         process group) with their step settings; a structured group also gets its stacked
-        momentum and gradient blocks. Raises before anything changes on replaced factors or a
-        layer with only one gradient."""
+        momentum and its workspace with the gradient blocks. Raises before anything changes on
+        replaced factors or a layer with only one gradient."""
+        params = group["params"]
+        groups = self._cached_grouping(params)
+        cached = groups is not None
+        if groups is None:
+            groups = self._group_layers(group)
+        lr, wd, beta = float(group["lr"]), group["weight_decay"], group["momentum"]
+        plan = []
+        for key, ks in groups:
+            m, n, r, _, _, _, pg = key
+            A = [params[2 * k] for k in ks]
+            B = [params[2 * k + 1] for k in ks]
+            mult = lr_multiplier(group.get("scale_lr"), m, n)
+            kw = {
+                "lr": lr * mult,
+                # decoupled decay with the unscaled lr, as torch's Muon: X (1 - lr wd) - step_lr D
+                # (written as wd / mult so that lr = 0, e.g. at the start of a warmup, works)
+                "weight_decay": wd / mult,
+                "momentum": beta,
+                "dampening": beta if self._damped else 0.0,
+                "nesterov": group["nesterov"],
+                "orthogonalize": self._orthogonalize,
+                "store_orthogonalized": group.get("store_orthogonalized", False),
+            }
+            item = _GroupPlan(key, A, B, kw)
+            if pg is None and 2 * r <= min(m, n):
+                self._stack_group(item, cached)
+            plan.append(item)
+        return plan
+
+    def _cached_grouping(
+        self, params: list[Tensor]
+    ) -> list[tuple[tuple[Any, ...], list[int]]] | None:
+        """The grouping of the last step when nothing it depends on changed: the same parameter
+        objects with the same storage, still the factors of their layers, all with gradients
+        (the common case; checked in one pass, with no per-layer tensor ops)."""
+        cache = self._grouping
+        if (
+            cache is None
+            or len(params) != len(cache.params)
+            or not all(map(operator.is_, params, cache.params))
+            or any(p.grad is None for p in params)
+        ):
+            return None
+        try:
+            same = all(
+                mods["lora_A"]._modules[adapter]._parameters["weight"] is a
+                and mods["lora_B"]._modules[adapter]._parameters["weight"] is b
+                for (mods, adapter), a, b in zip(self._slots, params[0::2], params[1::2])
+            )
+        except (KeyError, AttributeError):
+            return None
+        if not same or [p.data_ptr() for p in params] != cache.ptrs:
+            return None
+        return cache.groups
+
+    def _group_layers(self, group: dict[str, Any]) -> list[tuple[tuple[Any, ...], list[int]]]:
+        """:meth:`_cached_grouping` from scratch, layer by layer (with the errors), cached when
+        every layer has gradients."""
         params = group["params"]
         ranks, offsets = group["ranks"], group["offsets"]
         active: list[int] = []
@@ -558,30 +718,13 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             active.append(k)
             pg = distributed.pair_group(a, b, repr(layer.name))
             keys.append((b.shape[0], a.shape[1], ranks[k], offsets[k], a.dtype, a.device, pg))
-        lr, wd, beta = float(group["lr"]), group["weight_decay"], group["momentum"]
-        plan = []
-        for key, idx in group_indices(keys).items():
-            m, n, r, _, _, _, pg = key
-            ks = [active[i] for i in idx]
-            A = [params[2 * k] for k in ks]
-            B = [params[2 * k + 1] for k in ks]
-            mult = lr_multiplier(group.get("scale_lr"), m, n)
-            kw = {
-                "lr": lr * mult,
-                # decoupled decay with the unscaled lr, as torch's Muon: X (1 - lr wd) - step_lr D
-                # (written as wd / mult so that lr = 0, e.g. at the start of a warmup, works)
-                "weight_decay": wd / mult,
-                "momentum": beta,
-                "dampening": beta if self._damped else 0.0,
-                "nesterov": group["nesterov"],
-                "orthogonalize": self._orthogonalize,
-                "store_orthogonalized": group.get("store_orthogonalized", False),
-            }
-            item = _GroupPlan(key, A, B, kw)
-            if pg is None and 2 * r <= min(m, n):
-                self._stack_group(item)
-            plan.append(item)
-        return plan
+        groups = [([active[i] for i in idx], key) for key, idx in group_indices(keys).items()]
+        out = [(key, ks) for ks, key in groups]
+        cacheable = len(active) == len(self._layers) and all(key[-1] is None for key in keys)
+        self._grouping = (
+            _Grouping(list(params), [p.data_ptr() for p in params], out) if cacheable else None
+        )
+        return out
 
     def _manifold_step(self, plan: list[_GroupPlan]) -> None:
         sharded: dict[Any, list[tuple[tuple[Any, ...], distributed.ShardedManifoldGroup]]] = {}
@@ -591,7 +734,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             if pg is not None:
                 sharded.setdefault(pg, []).append((key, self._sharded_group(A, B, r, kw)))
                 continue
-            if item.GQt is not None:
+            if item.ws is not None:
                 self._structured_group(item)
             else:
                 self._literal_group(A, B, m, n, r, dtype, kw)
@@ -657,46 +800,55 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             self.state[b]["step"] = view
         self._step_cache[key] = (counts, views)
 
-    def _stack_group(self, item: _GroupPlan) -> None:
-        """The stacked momentum ``(Pm^T, Rm^T)`` of a structured group and its gradient blocks
-        ``(G Q)^T``, ``(G^T U)^T`` ``(L, r, m)``, ``(L, r, n)`` in the compute dtype."""
+    def _stack_group(self, item: _GroupPlan, cached: bool) -> None:
+        """The stacked momentum ``(Pm^T, Rm^T)`` of a structured group and its workspace, into
+        which the gradient blocks ``(G Q)^T``, ``(G^T U)^T`` are gathered (the workspace of the
+        last step when the grouping is ``cached`` and still matches)."""
         key, A, B = item.key, item.A, item.B
         r = key[2]
         if item.kw["momentum"]:
             item.Pt, item.Rt, item.fresh = self._stacked_momentum(key, A, B)
-        item.cdt = compute_dtype(A[0], *([] if item.Pt is None else [item.Pt]))
-        item.GQt = torch.stack([b.grad[:, :r].mT for b in B]).to(item.cdt)
-        item.GtUt = torch.stack([a.grad[r : 2 * r] for a in A]).to(item.cdt)
+        item.cdt = cdt = compute_dtype(A[0], *([] if item.Pt is None else [item.Pt]))
+        ws = self._workspaces.get(key) if cached else None
+        if ws is None or not ws.matches(A, B, cdt):
+            ws = _Workspace.build(A, B, r, cdt)
+            if cached or self._grouping is not None:
+                self._workspaces[key] = ws
+            # Z1 = 0 always: nothing but to_manifold writes it, so it is reset here, once per
+            # new workspace, instead of every step
+            torch._foreach_zero_([b[:, :r] for b in B])
+        torch.stack([b.grad[:, :r].mT for b in B], out=ws.GQt)
+        torch.stack([a.grad[r : 2 * r] for a in A], out=ws.GtUt)
+        item.ws = ws
 
     def _structured_group(self, item: _GroupPlan) -> None:
-        """One group of equal-shape layers by :func:`_structured_step`. The momentum buffers
-        of the group are stacked once and then updated in place every step while the state
-        still holds exactly their views (no fresh multi-MB allocation per step: on CPU the
-        page faults of fresh memory cost as much as the arithmetic)."""
-        key, A, B, kw, cdt = item.key, item.A, item.B, item.kw, item.cdt
+        """One group of equal-shape layers by :func:`_structured_step`, in its workspace. The
+        momentum buffers of the group are stacked once and then updated in place every step
+        while the state still holds exactly their views."""
+        key, A, B, kw, cdt, ws = item.key, item.A, item.B, item.kw, item.cdt, item.ws
+        assert ws is not None
         r = key[2]
-        dtype = A[0].dtype
         Pt, Rt, fresh = item.Pt, item.Rt, item.fresh
-        u_views, qv_views = self._param_views(key, A, B)
-        # every tall block transposed ("wide", see _structured_step): U^T is a transposing
-        # copy, [Q | V]^T = (L, 2r, n) the first 2r contiguous rows of lora_A
-        Ut = torch.stack(u_views).to(cdt)
-        QVt = torch.stack(qv_views).to(cdt)
-        Qt, Vt = QVt[:, :r], QVt[:, r:]
+        # every tall block transposed ("wide", see _structured_step); U^T is a transposing copy
+        torch.stack(ws.u_views, out=ws.Ut)
+        torch.stack(ws.q_views, out=ws.Qt)
+        torch.stack(ws.v_views, out=ws.Vt)
         if Pt is not None and Rt is not None and Pt.dtype != cdt:
             Pt, Rt, fresh = Pt.to(cdt), Rt.to(cdt), True
         Ptold, Rtold = Pt, Rt
         if kw["momentum"] and (Pt is None or Rt is None):
-            Pt = Ut.new_empty(Ut.shape[0], 2 * r, Ut.shape[-1])
-            Rt = Ut.new_empty(Ut.shape[0], 2 * r, Qt.shape[-1])
-        assert item.GQt is not None and item.GtUt is not None
-        # the new point lands in Ut, Qt and Vt, i.e. in Ut and QVt (on every path)
-        _structured_step(Ut, Qt, Vt, item.GQt, item.GtUt, Ptold, Rtold, Pt, Rt, **kw)
+            Pt = ws.Ut.new_empty(ws.Ut.shape[0], 2 * r, ws.Ut.shape[-1])
+            Rt = ws.Ut.new_empty(ws.Ut.shape[0], 2 * r, ws.Qt.shape[-1])
+        # the new point lands in Ut, Qt and Vt (on every path)
+        _structured_step(
+            ws.Ut, ws.Qt, ws.Vt, ws.GQt, ws.GtUt, Ptold, Rtold, Pt, Rt, scratch=ws.scratch, **kw
+        )
         # straight into the parameters, per layer (cheaper than assembling whole new tensors);
         # lr = 0 (e.g. the first warmup step) keeps the point exactly, the momentum still moves
         if kw["lr"] != 0:
-            torch._foreach_copy_(u_views, list(Ut.to(dtype).unbind(0)))
-            torch._foreach_copy_(qv_views, list(QVt.to(dtype).unbind(0)))
+            torch._foreach_copy_(ws.u_views, ws.Ut_items)
+            torch._foreach_copy_(ws.q_views, ws.Qt_items)
+            torch._foreach_copy_(ws.v_views, ws.Vt_items)
         if Pt is None or Rt is None or not fresh:
             return  # no momentum, or updated in place: the state holds views of Pt, Rt
         lefts, rights = Pt.mT.unbind(0), Rt.mT.unbind(0)
@@ -704,30 +856,6 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             self.state[b]["momentum_left"] = left
             self.state[a]["momentum_right"] = right
         self._momentum_cache[key] = (Pt, Rt, lefts, rights)
-
-    def _param_views(
-        self, key: tuple[Any, ...], A: list[Tensor], B: list[Tensor]
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """The views ``U^T = b[:, r:2r]^T`` and ``[Q | V]^T = a[:2r]`` of a group's parameters,
-        cached across steps (slicing a Parameter costs microseconds, times every layer, every
-        step); rebuilt when a parameter object or its storage changed."""
-        r = key[2]
-        ptrs = [p.data_ptr() for p in A] + [p.data_ptr() for p in B]
-        cached = self._view_cache.get(key)
-        if (
-            cached is not None
-            and cached[0] == ptrs
-            and len(cached[1]) == len(A)
-            and all(x is y for x, y in zip(cached[1], A))
-            and all(x is y for x, y in zip(cached[2], B))
-        ):
-            return cached[3]
-        views = ([b[:, r : 2 * r].mT for b in B], [a[: 2 * r] for a in A])
-        self._view_cache[key] = (ptrs, list(A), list(B), views)
-        # Z1 = 0 always: nothing but to_manifold writes it, so it is reset here, once per
-        # (re)built cache, instead of every step
-        torch._foreach_zero_([b[:, :r] for b in B])
-        return views
 
     def _stacked_momentum(
         self, key: tuple[Any, ...], A: list[Tensor], B: list[Tensor]
