@@ -281,8 +281,10 @@ def _structured_step(
     # dU in GQt's memory unless Nesterov still needs G Q (then the retraction's scratch is GQt)
     in_place = scratch is not None and not (beta and nesterov)
     if beta and Ptold is not None and Rtold is not None:
-        RtQ = Rtold @ Qt.mT  # Rm^T Q (2r, r)
-        PtU = Ptold @ Ut.mT  # Pm^T U (2r, r)
+        # Rm^T Q, Pm^T U (2r, r), computed transposed: MKL's batched (r x k) (k x 2r) product
+        # runs about 1.5x faster than the (2r x k) (k x r) one
+        RtQ = (Qt @ Rtold.mT).mT
+        PtU = (Ut @ Ptold.mT).mT
         K = torch.baddbmm(UtGQ, PtU.mT, RtQ, beta=g, alpha=beta)  # U^T (g GQ + beta Pm Rm^T Q)
         if in_place:
             dUt = GQt.baddbmm_(RtQ.mT, Ptold, beta=g, alpha=beta)
