@@ -584,20 +584,26 @@ def test_step_follows_factors_moved_to_new_storage():
             assert torch.equal(x, y)
 
 
-def test_layer_without_gradient_is_left_alone_for_that_step():
+@pytest.mark.parametrize("skip", [0, 1])
+def test_layer_without_gradient_is_left_alone_for_that_step(skip):
     """A layer whose gradients are None in one step keeps its point (and its group's other
-    layers step as usual); the next step with every gradient present steps it again."""
+    layers step as usual); the next step with every gradient present steps it again (with
+    ``skip=0`` the groups, and the buffers they share, grow after the first step)."""
 
     def drop(k, model, layers):
-        if k == 1:
+        if k == skip:
             layers[0].a.grad = layers[0].b.grad = None
 
     _, _, plain = _llama_run(3)
     _, layers, dropped = _llama_run(3, drop)
-    assert torch.equal(dropped[1][0], dropped[0][0])
-    for j in range(1, len(layers)):
-        torch.testing.assert_close(dropped[1][j], plain[1][j], rtol=1e-5, atol=1e-7)
-    assert not torch.equal(dropped[2][0], dropped[1][0])
+    _, model = peft_llama()
+    rl.to_manifold(model, generator=torch.Generator().manual_seed(0))
+    start = [layer.point().detach() for layer in manifold_layers(model)]
+    before = start if skip == 0 else dropped[skip - 1]
+    assert torch.equal(dropped[skip][0], before[0])
+    for j in range(1, len(layers)):  # the other layers had the same history so far
+        torch.testing.assert_close(dropped[skip][j], plain[skip][j], rtol=1e-5, atol=1e-7)
+    assert not torch.equal(dropped[skip + 1][0], dropped[skip][0])
     for layer in layers:
         U = layer.U().detach()
         torch.testing.assert_close(U.mT @ U, torch.eye(layer.rank), atol=1e-6, rtol=0)

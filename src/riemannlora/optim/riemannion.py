@@ -21,8 +21,8 @@ same results as the literal formulas up to round-off). Per group of equal-shape 
 gathers the gradient blocks (before the non-finite check) and the parameters into buffers kept
 across steps, every tall matrix transposed (``(L, r, rows)``, the layout in which MKL's thin
 products are fastest), works in those buffers in place (on CPU the page faults of fresh
-multi-MB buffers cost as much as the arithmetic; the buffers take ``3 r (m + n)`` numbers per
-layer), updates the stacked momentum buffers in place and writes the parameters back with one
+multi-MB buffers cost as much as the arithmetic; the gradient stacks take ``r (m + n)``
+numbers per layer, the rest is shared by the groups, which step one after the other), updates the stacked momentum buffers in place and writes the parameters back with one
 ``_foreach_copy_`` per block. The momentum is stored as the factor pair
 ``Pm = [dU | U_old]`` ``(m, 2r)``, ``Rm = [Q_old | dV]`` ``(n, 2r)`` in ``self.state``
 (``state[lora_B]["momentum_left"]``, ``state[lora_A]["momentum_right"]``; views, with
@@ -365,14 +365,32 @@ class _Workspace:
     Qt_items: list[Tensor]
     Vt_items: list[Tensor]
 
+    @staticmethod
+    def arena_size(A: list[Tensor], B: list[Tensor], r: int) -> int:
+        """Numbers the buffers a step uses only while it runs (Ut, Qt, Vt, scratch) take."""
+        return len(A) * r * 2 * (B[0].shape[0] + A[0].shape[1])
+
     @classmethod
-    def build(cls, A: list[Tensor], B: list[Tensor], r: int, cdt: torch.dtype) -> _Workspace:
+    def build(
+        cls, A: list[Tensor], B: list[Tensor], r: int, cdt: torch.dtype, arena: Tensor
+    ) -> _Workspace:
+        """The workspace of a group: its own gradient stacks (gathered for every group before
+        the non-finite check) and Ut, Qt, Vt, scratch carved out of ``arena`` (a flat buffer
+        of at least :meth:`arena_size` numbers, shared by the groups, which step one after
+        the other)."""
         L, m, n = len(A), B[0].shape[0], A[0].shape[1]
+        offset = 0
+
+        def carve(rows: int) -> Tensor:
+            nonlocal offset
+            size = L * r * rows
+            offset += size
+            return arena[offset - size : offset].view(L, r, rows)
 
         def stack(rows: int) -> Tensor:
             return A[0].new_empty(L, r, rows, dtype=cdt)
 
-        Ut, Qt, Vt = stack(m), stack(n), stack(n)
+        Ut, Qt, Vt = carve(m), carve(n), carve(n)
         return cls(
             A=list(A),
             B=list(B),
@@ -386,7 +404,7 @@ class _Workspace:
             Vt=Vt,
             GQt=stack(m),
             GtUt=stack(n),
-            scratch=stack(m),
+            scratch=carve(m),
             Ut_items=list(Ut.unbind(0)),
             Qt_items=list(Qt.unbind(0)),
             Vt_items=list(Vt.unbind(0)),
@@ -423,6 +441,12 @@ class _GroupPlan:
     Rt: Tensor | None = None
     fresh: bool = True
     cdt: torch.dtype = torch.float32
+
+    @property
+    def structured(self) -> bool:
+        """Stepped by :func:`_structured_step` (not sharded, ``2r <= min(m, n)``)."""
+        m, n, r, pg = self.key[0], self.key[1], self.key[2], self.key[-1]
+        return pg is None and 2 * r <= min(m, n)
 
 
 @dataclass(eq=False)
@@ -553,6 +577,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         # views of them held in self.state (reused while the state still holds those views)
         self._momentum_cache: dict[tuple[Any, ...], tuple[Tensor, Tensor, Any, Any]] = {}
         self._workspaces: dict[tuple[Any, ...], _Workspace] = {}
+        self._arenas: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._grouping: _Grouping | None = None
         self._step_cache: dict[tuple[Any, ...], Any] = {}
 
@@ -651,7 +676,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         lr, wd, beta = float(group["lr"]), group["weight_decay"], group["momentum"]
         plan = []
         for key, ks in groups:
-            m, n, r, _, _, _, pg = key
+            m, n = key[0], key[1]
             A = [params[2 * k] for k in ks]
             B = [params[2 * k + 1] for k in ks]
             mult = lr_multiplier(group.get("scale_lr"), m, n)
@@ -666,11 +691,36 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
                 "orthogonalize": self._orthogonalize,
                 "store_orthogonalized": group.get("store_orthogonalized", False),
             }
-            item = _GroupPlan(key, A, B, kw)
-            if pg is None and 2 * r <= min(m, n):
-                self._stack_group(item, cached)
-            plan.append(item)
+            plan.append(_GroupPlan(key, A, B, kw))
+        structured = [item for item in plan if item.structured]
+        for item in structured:
+            if item.kw["momentum"]:
+                item.Pt, item.Rt, item.fresh = self._stacked_momentum(item.key, item.A, item.B)
+            item.cdt = compute_dtype(item.A[0], *([] if item.Pt is None else [item.Pt]))
+        cached = self._reserve_arenas(structured) and cached
+        for item in structured:
+            self._stack_group(item, cached)
         return plan
+
+    def _reserve_arenas(self, items: list[_GroupPlan]) -> bool:
+        """Makes the shared buffers (per compute dtype and device) large enough for every
+        group; returns False when one had to grow (the cached workspaces then point into the
+        old one and are rebuilt)."""
+        need: dict[tuple[torch.dtype, torch.device], int] = {}
+        for item in items:
+            where = (item.cdt, item.A[0].device)
+            need[where] = max(
+                need.get(where, 0), _Workspace.arena_size(item.A, item.B, item.key[2])
+            )
+        kept = True
+        for where, size in need.items():
+            arena = self._arenas.get(where)
+            if arena is None or arena.numel() < size:
+                self._arenas[where] = torch.empty(size, dtype=where[0], device=where[1])
+                kept = False
+        if not kept:
+            self._workspaces.clear()
+        return kept
 
     def _cached_grouping(
         self, params: list[Tensor]
@@ -803,17 +853,14 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         self._step_cache[key] = (counts, views)
 
     def _stack_group(self, item: _GroupPlan, cached: bool) -> None:
-        """The stacked momentum ``(Pm^T, Rm^T)`` of a structured group and its workspace, into
-        which the gradient blocks ``(G Q)^T``, ``(G^T U)^T`` are gathered (the workspace of the
-        last step when the grouping is ``cached`` and still matches)."""
-        key, A, B = item.key, item.A, item.B
+        """The workspace of a structured group, into which its gradient blocks ``(G Q)^T``,
+        ``(G^T U)^T`` are gathered (the workspace of the last step when the grouping is
+        ``cached`` and it still matches)."""
+        key, A, B, cdt = item.key, item.A, item.B, item.cdt
         r = key[2]
-        if item.kw["momentum"]:
-            item.Pt, item.Rt, item.fresh = self._stacked_momentum(key, A, B)
-        item.cdt = cdt = compute_dtype(A[0], *([] if item.Pt is None else [item.Pt]))
         ws = self._workspaces.get(key) if cached else None
         if ws is None or not ws.matches(A, B, cdt):
-            ws = _Workspace.build(A, B, r, cdt)
+            ws = _Workspace.build(A, B, r, cdt, self._arenas[(cdt, A[0].device)])
             if cached or self._grouping is not None:
                 self._workspaces[key] = ws
             # Z1 = 0 always: nothing but to_manifold writes it, so it is reset here, once per
