@@ -348,9 +348,6 @@ class _Workspace:
     blocks of the parameters a step reads and writes; ``*_items``: the buffers' per-layer views
     for the write-back."""
 
-    A: list[Tensor]
-    B: list[Tensor]
-    ptrs: list[int]
     cdt: torch.dtype
     u_views: list[Tensor]
     q_views: list[Tensor]
@@ -392,9 +389,6 @@ class _Workspace:
 
         Ut, Qt, Vt = carve(m), carve(n), carve(n)
         return cls(
-            A=list(A),
-            B=list(B),
-            ptrs=_data_ptrs(A, B),
             cdt=cdt,
             u_views=[b[:, r : 2 * r].mT for b in B],
             q_views=[a[:r] for a in A],
@@ -409,21 +403,6 @@ class _Workspace:
             Qt_items=list(Qt.unbind(0)),
             Vt_items=list(Vt.unbind(0)),
         )
-
-    def matches(self, A: list[Tensor], B: list[Tensor], cdt: torch.dtype) -> bool:
-        """Whether the buffers still belong to exactly these parameters (same objects, same
-        storage) in this compute dtype."""
-        return (
-            cdt == self.cdt
-            and len(A) == len(self.A)
-            and all(map(operator.is_, A, self.A))
-            and all(map(operator.is_, B, self.B))
-            and _data_ptrs(A, B) == self.ptrs
-        )
-
-
-def _data_ptrs(A: list[Tensor], B: list[Tensor]) -> list[int]:
-    return [p.data_ptr() for p in A] + [p.data_ptr() for p in B]
 
 
 @dataclass(eq=False)
@@ -858,8 +837,9 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         ``cached`` and it still matches)."""
         key, A, B, cdt = item.key, item.A, item.B, item.cdt
         r = key[2]
+        # a cached grouping has checked that the parameters (objects, storage) are unchanged
         ws = self._workspaces.get(key) if cached else None
-        if ws is None or not ws.matches(A, B, cdt):
+        if ws is None or ws.cdt != cdt:
             ws = _Workspace.build(A, B, r, cdt, self._arenas[(cdt, A[0].device)])
             if cached or self._grouping is not None:
                 self._workspaces[key] = ws
