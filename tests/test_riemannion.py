@@ -60,6 +60,17 @@ def dense_step(U, V, Q, G, M_prev, *, lr, wd, beta, nesterov, orth, store_orth, 
     return u[:, :r] @ torch.diag(s[:r]) @ vh[:r], (D_o if store_orth else M)
 
 
+def momentum_factors(opt, layer):
+    """The momentum of a layer as a factor pair ``M = Pm Rm^T`` (the state's core, if any,
+    folded into the left factor), or (None, None)."""
+    left = opt.state[layer.b].get("momentum_left")
+    right = opt.state[layer.a].get("momentum_right")
+    if left is None or right is None:
+        return None, None
+    core = opt.state[layer.b].get("momentum_core")
+    return (left if core is None else left @ core), right
+
+
 def run_dense_check(opt_cls, steps=3, **kw):
     lr = kw.pop("lr", 0.05)
     wd = kw.get("weight_decay", 0.0)
@@ -96,9 +107,8 @@ def run_dense_check(opt_cls, steps=3, **kw):
                 store_orth=store_orth, damp=beta if opt_cls is rl.RiemannianSGD else 0.0,
             )  # fmt: skip
             torch.testing.assert_close(layer.point().detach(), X_ref, atol=1e-11, rtol=1e-9)
-            st_ = opt.state
             if beta:
-                Pm, Rm = st_[layer.b]["momentum_left"], st_[layer.a]["momentum_right"]
+                Pm, Rm = momentum_factors(opt, layer)
                 torch.testing.assert_close(Pm @ Rm.T, M_ref, atol=1e-11, rtol=1e-9)
             momentum[layer.name] = M_ref if beta else None
     return model, opt, layers
@@ -110,6 +120,7 @@ def run_dense_check(opt_cls, steps=3, **kw):
         {},
         {"weight_decay": 0.1, "nesterov": True},
         {"store_orthogonalized": True, "momentum": 0.5},
+        {"store_orthogonalized": True, "nesterov": True},
         {"scale_lr": "match_adamw", "lr": 0.01, "weight_decay": 0.05},
         {"momentum": 0.0},
         {"init": True},  # first step from V = 0 (X = 0)
@@ -516,8 +527,7 @@ def _check_optimizer_against_literal(opt_cls, kw):
         mlp_loss(model, data).backward()
         before = {}
         for layer in layers:
-            Pm = opt.state[layer.b].get("momentum_left")
-            Rm = opt.state[layer.a].get("momentum_right")
+            Pm, Rm = momentum_factors(opt, layer)
             before[layer.name] = [
                 x.detach().double().clone() if x is not None else None
                 for x in (layer.U(), layer.V(), layer.Q(), layer.GQ(), layer.GtU(), Pm, Rm)
@@ -539,8 +549,8 @@ def _check_optimizer_against_literal(opt_cls, kw):
             torch.testing.assert_close(
                 layer.point().detach().double(), X_ref, atol=1e-5 * scale, rtol=0
             )
-            M = opt.state[layer.b]["momentum_left"] @ opt.state[layer.a]["momentum_right"].mT
-            M_ref = Pm_ref @ Rm_ref.mT
+            Pm, Rm = momentum_factors(opt, layer)
+            M, M_ref = Pm @ Rm.mT, Pm_ref @ Rm_ref.mT
             torch.testing.assert_close(
                 M.double(), M_ref, atol=1e-5 * M_ref.abs().max().item(), rtol=0
             )
@@ -607,6 +617,134 @@ def test_layer_without_gradient_is_left_alone_for_that_step(skip):
     for layer in layers:
         U = layer.U().detach()
         torch.testing.assert_close(U.mT @ U, torch.eye(layer.rank), atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# the momentum kept in the bases of its direction: transport without tall products
+# --------------------------------------------------------------------------------------------
+
+
+def _llama64_run(steps, before_forward=None, setup=None):
+    """float64 Riemannion on the tiny Llama; ``before_forward(k, layers)`` runs before each
+    step's forward pass, ``setup(opt)`` once. Returns (optimizer, points X after each step)."""
+    _, model = peft_llama(dtype=torch.float64)
+    ids = token_batch()
+    opt = rl.Riemannion(
+        model, lr=0.05, weight_decay=0.01, generator=torch.Generator().manual_seed(0)
+    )
+    if setup is not None:
+        setup(opt)
+    layers = manifold_layers(model)
+    points = []
+    for k in range(steps):
+        if before_forward is not None:
+            before_forward(k, layers)
+        opt.zero_grad()
+        lm_loss(model, ids).backward()
+        opt.step()
+        points.append([layer.point().detach().clone() for layer in layers])
+    return opt, points
+
+
+def _count_transport_checks(opt):
+    calls = []
+    check = opt._check_transport
+
+    def counted(mom, Ut, Qt):
+        calls.append(mom.in_span)
+        check(mom, Ut, Qt)
+
+    opt._check_transport = counted
+    return calls
+
+
+def test_transport_from_small_matrices_equals_the_computed_one():
+    """While the point stays as the optimizer wrote it, the momentum's coordinates come from
+    the retraction's small matrices (no transport product at all); computing them from the
+    point and the momentum's bases every step, with the general formulas, gives the same
+    trajectory."""
+
+    def bump(k, layers):  # an in-place no-op: new version counters, same values
+        with torch.no_grad():
+            for layer in layers:
+                layer.a.mul_(1.0)
+                layer.b.mul_(1.0)
+
+    def computed(opt):
+        def check(mom, Ut, Qt):
+            mom.cu, mom.cq = mom.transport(Ut, Qt)
+            mom.in_span = False
+
+        opt._check_transport = check
+
+    opt, fast = _llama64_run(5, setup=lambda o: setattr(o, "_calls", _count_transport_checks(o)))
+    assert opt._calls == []  # every step after the first took the coordinates as they were
+    _, slow = _llama64_run(5, before_forward=bump, setup=computed)
+    for step_fast, step_slow in zip(fast, slow):
+        for x, y in zip(step_fast, step_slow):
+            torch.testing.assert_close(x, y, atol=1e-12 * y.abs().max().item(), rtol=0)
+
+
+def test_factors_changed_in_place_between_steps_are_seen():
+    """Re-gauging every layer in place between steps (U S, V S, Q S with S orthogonal: the same
+    X, other factors) changes the factors' version counters: the transport is then computed
+    from the new point, and X follows the same trajectory as without the re-gauge."""
+    g = torch.Generator().manual_seed(3)
+
+    def regauge(k, layers):
+        if k not in (2, 3):
+            return
+        with torch.no_grad():
+            for layer in layers:
+                r = layer.rank
+                S = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64)).Q
+                layer.b[:, r : 2 * r] = layer.b[:, r : 2 * r] @ S
+                layer.a[: 2 * r] = torch.cat([S.T @ layer.a[:r], S.T @ layer.a[r : 2 * r]])
+
+    _, plain = _llama64_run(5)
+    opt, regauged = _llama64_run(
+        5, before_forward=regauge, setup=lambda o: setattr(o, "_calls", _count_transport_checks(o))
+    )
+    assert len(opt._calls) == 2 * len(opt._momentum_cache)  # steps 3 and 4, every group
+    for step_plain, step_regauged in zip(plain, regauged):
+        for x, y in zip(step_plain, step_regauged):
+            torch.testing.assert_close(y, x, atol=1e-11 * x.abs().max().item(), rtol=0)
+
+
+def test_momentum_state_as_a_plain_factor_pair_resumes():
+    """A momentum saved as a plain factor pair (``momentum_left``, ``momentum_right`` only: an
+    FSDP2 run or an older checkpoint) loads; its transport is computed once from the point."""
+    ids = token_batch()
+
+    def fresh():
+        _, model = peft_llama(dtype=torch.float64)
+        rl.to_manifold(model, generator=torch.Generator().manual_seed(0))
+        return model
+
+    model = fresh()
+    opt = rl.Riemannion(model, lr=0.05, weight_decay=0.01)
+    _train(model, opt, ids, 2)
+    saved_model = copy.deepcopy(model.state_dict())
+    sd = copy.deepcopy(opt.state_dict())
+    _train(model, opt, ids, 2)
+    for st_ in sd["state"].values():
+        core = st_.pop("momentum_core", None)
+        if core is not None:
+            st_["momentum_left"] = st_["momentum_left"] @ core
+        st_.pop("transport_left", None)
+        st_.pop("transport_right", None)
+    resumed = fresh()
+    resumed.load_state_dict(saved_model)
+    opt2 = rl.Riemannion(resumed, lr=0.05, weight_decay=0.01)
+    opt2.load_state_dict(sd)
+    calls = _count_transport_checks(opt2)
+    _train(resumed, opt2, ids, 2)
+    assert calls and not any(calls)  # computed (nothing stored to check against), then kept
+    for x, y in zip(manifold_layers(model), manifold_layers(resumed)):
+        ref = x.point().detach()
+        torch.testing.assert_close(
+            y.point().detach(), ref, atol=1e-11 * ref.abs().max().item(), rtol=0
+        )
 
 
 def test_momentum_buffers_are_updated_in_place():

@@ -57,6 +57,7 @@ __all__ = [
     "retract",
     "retract_qr",
     "riemannian_gradient",
+    "tangent_core",
     "tangent_qr",
     "tangent_qr_to_factors",
     "tangent_to_dense",
@@ -280,9 +281,15 @@ def _tangent_qr_(Q: Tensor, dU: Tensor, dV: Tensor) -> TangentQR:
     dV's (LAPACK's QR runs in place there; no tall allocation)."""
     B = Q.mT @ dV
     W = _addmm_(dV.mT, B.mT, Q.mT, alpha=-1.0).mT  # dV - Q B, in place
+    return _tangent_qr_parts_(dU, W, B)
+
+
+def _tangent_qr_parts_(dU: Tensor, W: Tensor, B: Tensor) -> TangentQR:
+    """:class:`TangentQR` of ``dU Q^T + U (Q B + W)^T`` from its parts (``U^T dU = 0``,
+    ``Q^T W = 0``), by QRs in place in the column-major dU (-> Qd) and W (-> Qv)."""
     r = dU.shape[-1]
     A = dU.new_empty(*dU.shape[:-2], r, r)
-    C = dU.new_empty(*dV.shape[:-2], r, r)
+    C = dU.new_empty(*W.shape[:-2], r, r)
     torch.linalg.qr(dU, out=(dU, A))
     # diag(A) >= 0: for a full-rank dU the factors are then unique, so a sharded computation
     # (Cholesky-QR from an all-reduced Gram, riemannlora.distributed) gets the same Qd
@@ -293,6 +300,20 @@ def _tangent_qr_(Q: Tensor, dU: Tensor, dV: Tensor) -> TangentQR:
     return TangentQR(dU, A, W, B, C)
 
 
+def tangent_core(t: TangentQR, out: Tensor | None = None) -> Tensor:
+    """The ``2r x 2r`` core ``[[A, 0], [B^T, C^T]]`` of a :class:`TangentQR`:
+    ``xi = [Qd | U] core [Q | Qv]^T`` (into ``out`` when given)."""
+    A, B, C = t.A, t.B, t.C
+    r = A.shape[-1]
+    if out is None:
+        out = A.new_empty(*A.shape[:-2], 2 * r, 2 * r)
+    out[..., :r, :r] = A
+    out[..., :r, r:] = 0.0
+    out[..., r:, :r] = B.mT
+    out[..., r:, r:] = C.mT
+    return out
+
+
 def tangent_qr_to_factors(Q: Tensor, t: TangentQR) -> tuple[Tensor, Tensor]:
     """``(dU, dV) = (Qd A, Q B + Qv C)`` of a :class:`TangentQR` at a point with row basis Q
     (column-major)."""
@@ -300,7 +321,9 @@ def tangent_qr_to_factors(Q: Tensor, t: TangentQR) -> tuple[Tensor, Tensor]:
     return (t.A.mT @ t.Qd.mT).mT, _addmm_(t.B.mT @ Q.mT, t.C.mT, t.Qv.mT).mT
 
 
-def msign_tangent_qr(t: TangentQR, rtol: float | None = None) -> TangentQR:
+def msign_tangent_qr(
+    t: TangentQR, rtol: float | None = None, core: Tensor | None = None
+) -> TangentQR:
     """``P_X(msign(xi))`` of a :class:`TangentQR`, as a :class:`TangentQR` on the same bases.
 
     With ``xi = [Qd | U] M [Q | Qv]^T``, ``M = [[A, 0], [B^T, C^T]]`` and both outer factors
@@ -312,11 +335,11 @@ def msign_tangent_qr(t: TangentQR, rtol: float | None = None) -> TangentQR:
         P_X(msign(xi)) = Qd N11 Q^T + U (Q N21^T + Qv N22^T)^T,
 
     so OrthoLR + ProjectLR cost one ``2r x 2r`` SVD and no product with a tall matrix. Same
-    result as :func:`msign_tangent` followed by :func:`project_tangent`.
+    result as :func:`msign_tangent` followed by :func:`project_tangent`. ``core``: M, when the
+    caller has built it already (:func:`tangent_core`).
     """
-    A, B, C = t.A, t.B, t.C
-    r = A.shape[-1]
-    M = torch.cat([torch.cat([A, torch.zeros_like(A)], -1), torch.cat([B.mT, C.mT], -1)], -2)
+    r = t.A.shape[-1]
+    M = tangent_core(t) if core is None else core
     if rtol is None:
         rtol = torch.finfo(M.dtype).eps * max(t.Qd.shape[-2], t.Qv.shape[-2])
     N = _small_polar(M, rtol)
@@ -414,7 +437,7 @@ def retract_qr(
     ``Qv^T Q = 0``). Returns ``(U_new, V_new, Q_new)`` in the compute dtype (column-major).
     """
     U, V, Q = _cast(U, V, Q)
-    return _retract_qr_(U, V, Q, t, lr, weight_decay)
+    return _retract_qr_(U, V, Q, t, lr, weight_decay)[:3]
 
 
 def retraction_core(
@@ -445,18 +468,31 @@ def _retract_qr_(
     weight_decay: float | Tensor = 0.0,
     scratch: Tensor | None = None,
     overwrite: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
+    bases: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
     """:func:`retract_qr`; ``overwrite=True`` reuses the memory of its inputs for the outputs
     (U_new in U, Q_new in Q, V_new in V, which also holds a scratch column basis; U, V, Q,
     ``t.Qv`` column-major) and ``scratch`` (a contiguous tensor of U^T's shape) for
     ``([U | Qd] Uc)^T``: no tall allocation on the fast path; the Householder fallbacks copy
-    their results into the same memory, so callers read U, V and Q whichever path ran."""
+    their results into the same memory, so callers read U, V and Q whichever path ran.
+
+    ``bases``: ``(Lt, Rt)``, contiguous copies of the transposed bases ``Lt = [Qd | U]^T``
+    ``(..., 2r, m)`` and ``Rt = [Q | Qv]^T`` ``(..., 2r, n)`` (e.g. the new momentum's): the new
+    point is then one product with each, and the fourth result is its coordinates in them,
+    ``(cu, cq)`` ``(..., 2r, r)`` with ``U_new = [Qd | U] cu`` and ``Q_new = [Q | Qv] cq``
+    (None without bases or after a Householder fallback)."""
     r = U.shape[-1]
     Ur, Vr, S = retraction_core(V, Q, t, lr, weight_decay)
     # U_raw = [U | Qd] Ur, column-major (computed transposed: BLAS accumulates into a wide
     # (r, m) output about twice as fast as into a tall (m, r) one)
-    U_raw = _addmm_(_mm(Ur[..., :r, :].mT, U.mT, out=scratch), Ur[..., r:, :].mT, t.Qd.mT).mT
+    if bases is None:
+        Ur_b = None
+        U_raw = _addmm_(_mm(Ur[..., :r, :].mT, U.mT, out=scratch), Ur[..., r:, :].mT, t.Qd.mT).mT
+    else:
+        Ur_b = torch.cat([Ur[..., r:, :], Ur[..., :r, :]], -2)  # in the order of Lt
+        U_raw = _mm(Ur_b.mT, bases[0], out=scratch).mT
     chol = _cholesky_qr(U_raw)
+    cu = None
     if chol is None:
         U_new, Ru = torch.linalg.qr(U_raw)
         if overwrite:
@@ -465,10 +501,17 @@ def _retract_qr_(
         # (U_raw Ru^{-1})^T, computed transposed: column-major like every tall result
         U_new = _mm(chol[0].mT, U_raw.mT, out=U.mT if overwrite else None).mT
         Ru = chol[1]
+        if Ur_b is not None:
+            cu = Ur_b @ chol[0]
     # Y = [Q | Qv] Vr, column-major (computed transposed), into V's memory when overwriting
-    Yt = _addmm_(
-        _mm(Vr[..., :r, :].mT, Q.mT, out=V.mT if overwrite else None), Vr[..., r:, :].mT, t.Qv.mT
-    )
+    if bases is None:
+        Yt = _addmm_(
+            _mm(Vr[..., :r, :].mT, Q.mT, out=V.mT if overwrite else None),
+            Vr[..., r:, :].mT,
+            t.Qv.mT,
+        )
+    else:
+        Yt = _mm(Vr.mT, bases[1], out=V.mT if overwrite else None)
     chol = _cholesky_qr(Yt.mT)
     if chol is None:
         W = (Vr * S.unsqueeze(-2)) @ Ru.mT  # (2r, r): V_new = [Q | Qv] W
@@ -476,11 +519,12 @@ def _retract_qr_(
         Q_new = qr_positive(V_new)[0]
         if overwrite:  # V_new was computed from Q, so Q is overwritten last
             V_new, Q_new = V.copy_(V_new), Q.copy_(Q_new)
-        return U_new, V_new, Q_new
+        return U_new, V_new, Q_new, None
     Q_newt = _mm(chol[0].mT, Yt, out=Q.mT if overwrite else None)  # (Y Ry^{-1})^T
     # V_new = Y S Ru^T = Q_new (Ry S Ru^T), into V's memory (Y is no longer needed)
     V_newt = _mm((Ru * S.unsqueeze(-2)) @ chol[1].mT, Q_newt, out=V.mT if overwrite else None)
-    return U_new, V_newt.mT, Q_newt.mT
+    coords = None if cu is None or bases is None else (cu, Vr @ chol[0])
+    return U_new, V_newt.mT, Q_newt.mT, coords
 
 
 def to_dense(U: Tensor, V: Tensor) -> Tensor:

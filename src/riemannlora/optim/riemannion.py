@@ -22,12 +22,27 @@ gathers the gradient blocks (before the non-finite check) and the parameters int
 across steps, every tall matrix transposed (``(L, r, rows)``, the layout in which MKL's thin
 products are fastest), works in those buffers in place (on CPU the page faults of fresh
 multi-MB buffers cost as much as the arithmetic; the gradient stacks take ``r (m + n)``
-numbers per layer, the rest is shared by the groups, which step one after the other), updates the stacked momentum buffers in place and writes the parameters back with one
-``_foreach_copy_`` per block. The momentum is stored as the factor pair
-``Pm = [dU | U_old]`` ``(m, 2r)``, ``Rm = [Q_old | dV]`` ``(n, 2r)`` in ``self.state``
-(``state[lora_B]["momentum_left"]``, ``state[lora_A]["momentum_right"]``; views, with
-column-major strides, of the stacked buffers), so ``state_dict()``/``load_state_dict()``
-resume exactly.
+numbers per layer, the rest is shared by the groups, which step one after the other), updates
+the stacked momentum buffers in place and writes the parameters back with one
+``_foreach_copy_`` per block.
+
+The momentum ``M`` (a tangent vector at the point of the step that made it) is kept in the
+bases of that step's direction, ``M = Lb core Rb^T`` with ``Lb = [Qd | U_old]`` ``(m, 2r)`` and
+``Rb = [Q_old | Qv]`` ``(n, 2r)`` orthonormal and a ``2r x 2r`` core (see :class:`_Momentum`).
+The new point lies in their span, ``U = Lb cu``, ``Q = Rb cq``, with ``cu``, ``cq`` known from
+the retraction's small matrices, so the next step transports M by projection with no product
+between a tall matrix and another: ``(I - U U^T) M Q = Lb ((I - cu cu^T) core cq)`` and
+``M^T U = Rb (core^T cu)``. The coordinates are used as they are while nothing can have moved
+the point since the optimizer wrote it (same parameter objects and storage, unchanged version
+counters, which every in-place change made through the parameters bumps); otherwise they are
+computed from the point. ``self.state`` holds per-layer views of the stacked buffers:
+``momentum_left`` (``Lb``) ``momentum_core`` and ``transport_left`` (``cu``) on ``lora_B``,
+``momentum_right`` (``Rb``) and ``transport_right`` (``cq``) on ``lora_A``, so
+``state_dict()``/``load_state_dict()`` resume bit for bit (the loaded coordinates are checked
+against the point once). A momentum without a core is the plain factor pair
+``M = momentum_left momentum_right^T`` (FSDP2-sharded layers, layers with ``2r > min(m, n)``,
+older checkpoints); Nesterov's raw momentum is stored as ``[dU | U_old]``, ``[Q_old | dV]`` with
+an identity core, and its coordinates are computed every step.
 
 Every other trainable parameter (biases, heads, ``modules_to_save``) is updated by
 ``torch.optim.AdamW``'s own functional kernel, bitwise as ``torch.optim.AdamW`` would.
@@ -56,7 +71,7 @@ from riemannlora import distributed
 from riemannlora.geometry import (
     _cast,
     _retract_qr_,
-    _tangent_qr_,
+    _tangent_qr_parts_,
     compute_dtype,
     msign_tangent,
     msign_tangent_qr,
@@ -64,7 +79,7 @@ from riemannlora.geometry import (
     project_tangent,
     retract,
     riemannian_gradient,
-    tangent_qr_to_factors,
+    tangent_core,
     tangent_to_factors,
     transport,
 )
@@ -79,7 +94,17 @@ __all__ = ["SCALE_LR_CHOICES", "RiemannianSGD", "Riemannion", "lr_multiplier", "
 #: Accepted values of ``Riemannion(scale_lr=...)``.
 SCALE_LR_CHOICES = (None, "match_adamw")
 
-_MOMENTUM_KEYS = ("momentum_left", "momentum_right")
+#: the per-layer momentum state of the manifold optimizers (see :class:`_Momentum`):
+#: ``momentum_left`` ``(m, 2r)``, ``momentum_core`` ``(2r, 2r)`` (optional, identity when absent)
+#: and ``transport_left`` ``(2r, r)`` (optional) on ``lora_B``; ``momentum_right`` ``(n, 2r)``
+#: and ``transport_right`` ``(2r, r)`` (optional) on ``lora_A``
+_MOMENTUM_KEYS = (
+    "momentum_left",
+    "momentum_right",
+    "momentum_core",
+    "transport_left",
+    "transport_right",
+)
 #: keys of a manifold param group that only Riemannion has (tells its state from RiemannianSGD's)
 _CLASS_KEYS = ("store_orthogonalized", "scale_lr")
 
@@ -168,24 +193,26 @@ def manifold_step(
         )
 
     Ut, Qt, Vt, GQt, GtUt = wide(U), wide(Q), wide(V), wide(GQ), wide(GtU)
-    Ptold = Rtold = None
-    if momentum and Pm is not None and Rm is not None:
-        Pm, Rm = _cast(Pm, Rm)
-        Ptold, Rtold = flat(Pm.mT), flat(Rm.mT)
-    Pt_out = Ut.new_empty(Ut.shape[0], 2 * r, m) if momentum else None
-    Rt_out = Ut.new_empty(Ut.shape[0], 2 * r, n) if momentum else None
-    U_new, V_new, Q_new = _structured_step(
-        Ut, Qt, Vt, GQt, GtUt, Ptold, Rtold, Pt_out, Rt_out, **kw
-    )
+    L = Ut.shape[0]
+    mom = out_mom = None
+    if momentum:
+        if Pm is not None and Rm is not None:
+            Pm, Rm = _cast(Pm, Rm)
+            mom = _Momentum(flat(Pm.mT), flat(Rm.mT))
+        out_mom = _Momentum.empty(Ut, L, r, m, n)
+    U_new, V_new, Q_new, _ = _structured_step(Ut, Qt, Vt, GQt, GtUt, mom, out_mom, **kw)
     out = [U_new.reshape(*batch, m, r), V_new.reshape(*batch, n, r), Q_new.reshape(*batch, n, r)]
-    if Pt_out is None or Rt_out is None:
+    if out_mom is None:
         return out[0], out[1], out[2], None, None
+    # the plain factor pair: M = Lb core Rb^T = Lb (Rb core^T)^T
+    assert out_mom.core is not None
+    Rm_new = (out_mom.core @ out_mom.Rt).mT
     return (
         out[0],
         out[1],
         out[2],
-        Pt_out.mT.reshape(*batch, m, 2 * r),
-        Rt_out.mT.reshape(*batch, n, 2 * r),
+        out_mom.Pt.mT.reshape(*batch, m, 2 * r),
+        Rm_new.reshape(*batch, n, 2 * r),
     )
 
 
@@ -235,16 +262,52 @@ def _literal_step(
     return U_new, V_new, Q_new, Pm_new, Rm_new
 
 
+@dataclass(eq=False)
+class _Momentum:
+    """The momentum of a stack of ``L`` layers of equal shape, ``M = Lb core Rb^T`` per layer,
+    in the wide layout of :func:`_structured_step`: ``Pt = Lb^T`` ``(L, 2r, m)``,
+    ``Rt = Rb^T`` ``(L, 2r, n)`` contiguous, ``core`` ``(L, 2r, 2r)`` (None: the identity, i.e.
+    the factor pair ``M = Lb Rb^T``).
+
+    The step stores its momentum in orthonormal bases, ``Lb = [Qd | U]`` and
+    ``Rb = [Q | Qv]`` (the bases of its direction, :class:`~riemannlora.geometry.TangentQR`),
+    and the new point lies in their span. ``cu = Lb^T U`` and ``cq = Rb^T Q`` ``(L, 2r, r)``
+    are then the coordinates of the point in the bases, known from the retraction's small
+    matrices; with them (``in_span``: ``U = Lb cu``, ``Q = Rb cq``) transporting the momentum
+    to the point takes no product with a tall matrix. None: not known (they are computed,
+    ``in_span=False``)."""
+
+    Pt: Tensor
+    Rt: Tensor
+    core: Tensor | None = None
+    cu: Tensor | None = None
+    cq: Tensor | None = None
+    in_span: bool = False
+
+    @staticmethod
+    def empty(like: Tensor, L: int, r: int, m: int, n: int) -> _Momentum:
+        """Buffers for a new momentum (bases and core), in ``like``'s dtype and device."""
+        return _Momentum(
+            like.new_empty(L, 2 * r, m),
+            like.new_empty(L, 2 * r, n),
+            like.new_empty(L, 2 * r, 2 * r),
+        )
+
+    def transport(self, Ut: Tensor, Qt: Tensor) -> tuple[Tensor, Tensor]:
+        """``(Lb^T U, Rb^T Q)`` by products with the tall bases (computed transposed: MKL's
+        batched ``(r x k) (k x 2r)`` product runs about 1.5x faster than the
+        ``(2r x k) (k x r)`` one)."""
+        return (Ut @ self.Pt.mT).mT, (Qt @ self.Rt.mT).mT
+
+
 def _structured_step(
     Ut: Tensor,
     Qt: Tensor,
     Vt: Tensor,
     GQt: Tensor,
     GtUt: Tensor,
-    Ptold: Tensor | None,
-    Rtold: Tensor | None,
-    Pt_out: Tensor | None,
-    Rt_out: Tensor | None,
+    mom: _Momentum | None,
+    out: _Momentum | None,
     *,
     lr: float,
     weight_decay: float,
@@ -254,86 +317,113 @@ def _structured_step(
     orthogonalize: bool,
     store_orthogonalized: bool,
     scratch: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
     """The structured step on stacked ``(L, ., .)`` buffers in the compute dtype, every tall
     matrix transposed ("wide", ``(L, r, rows)`` contiguous, i.e. column-major): MKL's products
     with a small ``r`` run two to four times faster in that layout than on row-major tall
     matrices, and LAPACK's QR works in it in place.
 
     Ut ``(L, r, m)`` = U^T, GQt ``(L, r, m)`` = (G Q)^T, Qt, Vt, GtUt ``(L, r, n)`` = Q^T, V^T,
-    (G^T U)^T, all owned by the step and overwritten; Ptold ``(L, 2r, m)``, Rtold
-    ``(L, 2r, n)``: the previous momentum ``Pm^T``, ``Rm^T`` (None: zero momentum). The new
-    momentum ``[dU | U]^T``, ``[Q | dV]^T`` is written into Pt_out and Rt_out when
-    ``momentum``; they may be Ptold and Rtold themselves (read before they are written), so the
-    optimizer updates its momentum buffers in place. ``scratch``: a contiguous buffer of
-    Ut's shape and dtype (None: one is allocated); with it (and without Nesterov) dU is also
-    computed in GQt's memory, so a step allocates no tall matrix. The outputs should be
-    contiguous tensors, not slices of a larger batch (CPU ``bmm`` into a batch-strided output
-    falls back to one ``addmm`` per layer). Returns ``(U_new, V_new, Q_new)``, column-major,
-    in the memory of Ut, Vt and Qt.
+    (G^T U)^T, all owned by the step and overwritten; ``mom``: the previous momentum (None:
+    zero; its ``cu``, ``cq`` are computed when None). The new momentum is written into
+    ``out.Pt``, ``out.Rt`` and ``out.core`` (required when ``momentum``; they may be ``mom``'s
+    own buffers: those are read before they are written, so the optimizer updates its momentum
+    in place). ``scratch``: a contiguous buffer of Ut's shape and dtype (None: one is
+    allocated). The outputs should be contiguous tensors, not slices of a larger batch (CPU
+    ``bmm`` into a batch-strided output falls back to one ``addmm`` per layer). Returns
+    ``(U_new, V_new, Q_new, coords)``: the new point, column-major, in the memory of Ut, Vt and
+    Qt, and its coordinates ``(cu, cq)`` in the new momentum's bases (None when not known:
+    without momentum; with Nesterov, whose momentum factors ``[dU | U]``, ``[Q | dV]`` are not
+    orthonormal; after a Householder fallback of the retraction).
+
+    With the momentum ``M = Lb core Rb^T``, ``cu = Lb^T U``, ``cq = Rb^T Q``,
+    ``Z = core cq`` and ``Y = core^T cu`` (so ``M Q = Lb Z``, ``M^T U = Rb Y``), the new
+    momentum direction is
+
+        dU = g (I - U U^T) G Q + beta (I - U U^T) M Q = g G Q + beta Lb Z - U K1,
+        K1 = g U^T G Q + beta cu^T Z,
+        dV = g G^T U + beta M^T U = g G^T U + beta Rb Y,    B = Q^T dV = g Q^T G^T U + beta cq^T Y,
+
+    and its factorization needs ``W = dV - Q B``. When the point lies in the bases
+    (``mom.in_span``: ``U = Lb cu``, ``Q = Rb cq``), ``dU = g G Q + Lb (beta Z - cu K1)`` and
+    ``W = g G^T U + Rb (beta Y - cq B)``: one product with each stacked basis.
     """
     g = 1.0 - dampening
     beta = momentum
-    UtGQ = Ut @ GQt.mT  # U^T G Q (r, r)
-    # dU = g (I - U U^T) GQ + beta (I - U U^T) Pm (Rm^T Q),  dV = g G^T U + beta Rm (Pm^T U),
-    # computed as dU^T, dV^T by in-place BLAS updates
-    GtUt0 = GtUt.clone() if beta and nesterov else GtUt
-    # dU in GQt's memory unless Nesterov still needs G Q (then the retraction's scratch is GQt)
-    in_place = scratch is not None and not (beta and nesterov)
-    if beta and Ptold is not None and Rtold is not None:
-        # Rm^T Q, Pm^T U (2r, r), computed transposed: MKL's batched (r x k) (k x 2r) product
-        # runs about 1.5x faster than the (2r x k) (k x r) one
-        RtQ = (Qt @ Rtold.mT).mT
-        PtU = (Ut @ Ptold.mT).mT
-        K = torch.baddbmm(UtGQ, PtU.mT, RtQ, beta=g, alpha=beta)  # U^T (g GQ + beta Pm Rm^T Q)
-        if in_place:
-            dUt = GQt.baddbmm_(RtQ.mT, Ptold, beta=g, alpha=beta)
-        else:
-            dUt = torch.bmm(RtQ.mT * beta, Ptold).add_(GQt, alpha=g)
-        dUt.baddbmm_(K.mT, Ut, alpha=-1.0)
-        dVt = GtUt.baddbmm_(PtU.mT, Rtold, beta=g, alpha=beta)
-    else:
-        if in_place:
-            dUt = GQt.baddbmm_(UtGQ.mT, Ut, beta=g, alpha=-g)
-        else:
-            dUt = torch.bmm(UtGQ.mT * -g, Ut).add_(GQt, alpha=g)
-        dVt = GtUt if g == 1.0 else GtUt.mul_(g)
-    if beta and nesterov:  # beta M + g xi_g
-        uUt = torch.baddbmm(dUt, UtGQ.mT, Ut, beta=beta, alpha=-g).add_(GQt, alpha=g)
-        uVt = torch.add(GtUt0 if g == 1.0 else g * GtUt0, dVt, alpha=beta)
-    else:
-        uUt, uVt = dUt, dVt
-    store = bool(beta) and Pt_out is not None and Rt_out is not None
-    if store and not store_orthogonalized:  # before the QRs overwrite dU, dV
-        _store_momentum(Pt_out, Rt_out, dUt, Ut, Qt, dVt)
-    Q = Qt.mT
-    t = _tangent_qr_(Q, uUt.mT, uVt.mT)  # Qd, Qv overwrite uU, uV
-    if orthogonalize:
-        t = msign_tangent_qr(t)
-    if store and store_orthogonalized:
-        mU, mV = tangent_qr_to_factors(Q, t)
-        _store_momentum(Pt_out, Rt_out, mU.mT, Ut, Qt, mV.mT)
-    return _retract_qr_(
-        Ut.mT, Vt.mT, Q, t, lr, weight_decay, scratch=scratch if in_place else GQt, overwrite=True
-    )
-
-
-def _store_momentum(
-    Pt_out: Tensor | None,
-    Rt_out: Tensor | None,
-    dUt: Tensor,
-    Ut: Tensor,
-    Qt: Tensor,
-    dVt: Tensor,
-) -> None:
-    """``Pt_out = [dU | U]^T``, ``Rt_out = [Q | dV]^T``."""
-    if Pt_out is None or Rt_out is None:
-        return
     r = Ut.shape[-2]
-    Pt_out[:, :r].copy_(dUt)
-    Pt_out[:, r:].copy_(Ut)
-    Rt_out[:, :r].copy_(Qt)
-    Rt_out[:, r:].copy_(dVt)
+    H = Ut @ GQt.mT  # U^T G Q (r, r)
+    # Q^T G^T U: (U^T G Q)^T only up to the rounding of the two gradient blocks (bf16 models)
+    E = Qt @ GtUt.mT
+    have = bool(beta) and mom is not None
+    in_span = False
+    if mom is not None and have:
+        cu, cq = mom.cu, mom.cq
+        if cu is None or cq is None:
+            cu, cq = mom.transport(Ut, Qt)
+        Z = cq if mom.core is None else mom.core @ cq
+        Y = cu if mom.core is None else mom.core.mT @ cu
+        K1 = torch.baddbmm(H, cu.mT, Z, beta=g, alpha=beta)  # U^T (g G Q + beta M Q)
+        B = torch.baddbmm(E, cq.mT, Y, beta=g, alpha=beta)  # Q^T dV
+        in_span = mom.in_span and mom.cu is not None and mom.cq is not None
+    else:
+        K1 = H * g
+        B = E * g
+    store = bool(beta) and out is not None
+    # the raw momentum of a Nesterov step is not the direction the QRs factor: it is stored as
+    # its own factor pair; every other momentum lives in the bases of the direction
+    raw_pair = store and nesterov and not store_orthogonalized
+    if beta and nesterov:
+        # the momentum M = (dU, dV) and the direction beta M + g xi_g, which the QRs factor
+        if mom is not None and have:
+            dUt = torch.baddbmm(GQt, Z.mT, mom.Pt, beta=g, alpha=beta)
+            dUt.baddbmm_(K1.mT, Ut, alpha=-1.0)
+            dVt = torch.baddbmm(GtUt, Y.mT, mom.Rt, beta=g, alpha=beta)
+        else:
+            dUt = torch.baddbmm(GQt, K1.mT, Ut, beta=g, alpha=-1.0)
+            dVt = GtUt * g
+        uUt = GQt.baddbmm_(H.mT, Ut, alpha=-1.0).mul_(g).add_(dUt, alpha=beta)
+        Bu = torch.add(E * g, B, alpha=beta)  # Q^T (beta dV + g G^T U)
+        uWt = GtUt.mul_(g).add_(dVt, alpha=beta).baddbmm_(Bu.mT, Qt, alpha=-1.0)
+        if raw_pair and out is not None:  # [dU | U], [Q | dV], identity core
+            _store_bases(out, dUt, Ut, Qt, dVt)
+            assert out.core is not None
+            out.core.copy_(torch.eye(2 * r, dtype=Ut.dtype, device=Ut.device))
+        t = _tangent_qr_parts_(uUt.mT, uWt.mT, Bu)
+    else:
+        if mom is not None and have and in_span:
+            dUt = GQt.baddbmm_(torch.baddbmm(Z, cu, K1, beta=beta, alpha=-1.0).mT, mom.Pt, beta=g)
+            Wt = GtUt.baddbmm_(torch.baddbmm(Y, cq, B, beta=beta, alpha=-1.0).mT, mom.Rt, beta=g)
+        elif mom is not None and have:
+            dUt = GQt.baddbmm_(Z.mT, mom.Pt, beta=g, alpha=beta).baddbmm_(K1.mT, Ut, alpha=-1.0)
+            Wt = GtUt.baddbmm_(Y.mT, mom.Rt, beta=g, alpha=beta).baddbmm_(B.mT, Qt, alpha=-1.0)
+        else:
+            dUt = GQt.baddbmm_(K1.mT, Ut, beta=g, alpha=-1.0)
+            Wt = GtUt.baddbmm_(B.mT, Qt, beta=g, alpha=-1.0)
+        t = _tangent_qr_parts_(dUt.mT, Wt.mT, B)  # Qd, Qv overwrite dU, W
+    in_bases = store and not raw_pair and out is not None
+    if in_bases and out is not None:  # bases [Qd | U], [Q | Qv]
+        _store_bases(out, t.Qd.mT, Ut, Qt, t.Qv.mT)
+    core = None
+    if in_bases and out is not None and not store_orthogonalized:
+        core = tangent_core(t, out=out.core)
+    if orthogonalize:
+        t = msign_tangent_qr(t, core=core)
+    if in_bases and out is not None and store_orthogonalized:
+        tangent_core(t, out=out.core)
+    bases = (out.Pt, out.Rt) if in_bases and out is not None else None
+    U_new, V_new, Q_new, coords = _retract_qr_(
+        Ut.mT, Vt.mT, Qt.mT, t, lr, weight_decay, scratch=scratch, overwrite=True, bases=bases
+    )
+    return U_new, V_new, Q_new, coords
+
+
+def _store_bases(out: _Momentum, Lt1: Tensor, Ut: Tensor, Qt: Tensor, Rt2: Tensor) -> None:
+    """``out.Pt = [Lt1; U^T]``, ``out.Rt = [Q^T; Rt2]`` (stacked copies)."""
+    r = Ut.shape[-2]
+    out.Pt[:, :r].copy_(Lt1)
+    out.Pt[:, r:].copy_(Ut)
+    out.Rt[:, :r].copy_(Qt)
+    out.Rt[:, r:].copy_(Rt2)
 
 
 @dataclass(eq=False)
@@ -416,9 +506,9 @@ class _GroupPlan:
     B: list[Tensor]
     kw: dict[str, Any]
     ws: _Workspace | None = None
-    Pt: Tensor | None = None
-    Rt: Tensor | None = None
+    mom: _Momentum | None = None
     fresh: bool = True
+    cached: bool = False
     cdt: torch.dtype = torch.float32
 
     @property
@@ -426,6 +516,24 @@ class _GroupPlan:
         """Stepped by :func:`_structured_step` (not sharded, ``2r <= min(m, n)``)."""
         m, n, r, pg = self.key[0], self.key[1], self.key[2], self.key[-1]
         return pg is None and 2 * r <= min(m, n)
+
+
+@dataclass(eq=False)
+class _MomentumCache:
+    """A group's momentum as this optimizer last wrote it: the stacked buffers, the per-layer
+    views of them that ``self.state`` holds (``momentum_left``, ``momentum_right``,
+    ``momentum_core``, ``transport_left``, ``transport_right``; None where absent) and the
+    buffers of the transport coefficients (kept while they are not known, for reuse)."""
+
+    mom: _Momentum
+    views: tuple[Any, ...]
+    cu_buf: Tensor | None
+    cq_buf: Tensor | None
+
+
+def _versions(A: list[Tensor], B: list[Tensor]) -> list[int]:
+    """The version counters of a group's factors (every in-place change bumps them)."""
+    return [p._version for p in A] + [p._version for p in B]
 
 
 @dataclass(eq=False)
@@ -554,7 +662,9 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             self._names[id(layer.b)] = f"{layer.name}.lora_B"
         # per group of equal-shape layers: the stacked momentum buffers of the last step and the
         # views of them held in self.state (reused while the state still holds those views)
-        self._momentum_cache: dict[tuple[Any, ...], tuple[Tensor, Tensor, Any, Any]] = {}
+        self._momentum_cache: dict[tuple[Any, ...], _MomentumCache] = {}
+        #: the factors' version counters after this optimizer's last write, per group
+        self._versions: dict[tuple[Any, ...], list[int]] = {}
         self._workspaces: dict[tuple[Any, ...], _Workspace] = {}
         self._arenas: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._grouping: _Grouping | None = None
@@ -674,8 +784,8 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         structured = [item for item in plan if item.structured]
         for item in structured:
             if item.kw["momentum"]:
-                item.Pt, item.Rt, item.fresh = self._stacked_momentum(item.key, item.A, item.B)
-            item.cdt = compute_dtype(item.A[0], *([] if item.Pt is None else [item.Pt]))
+                item.mom, item.fresh = self._stacked_momentum(item.key, item.A, item.B)
+            item.cdt = compute_dtype(item.A[0], *([] if item.mom is None else [item.mom.Pt]))
         cached = self._reserve_arenas(structured) and cached
         for item in structured:
             self._stack_group(item, cached)
@@ -782,16 +892,14 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         """A group of FSDP2-sharded layers with its momentum (local rows of the left factors,
         whole right factors) for :func:`riemannlora.distributed.manifold_step_sharded`."""
         Pm = Rmt = None
-        lefts = [self.state[b].get("momentum_left") for b in B]
+        lefts = [self._plain_left(b) for b in B]
         rights = [self.state[a].get("momentum_right") for a in A]
         present = [x for x in lefts if x is not None]
         if kw["momentum"] and present:
-            ref = distributed.local(present[0])
+            ref = present[0]
             Pm = torch.stack(
                 [
-                    ref.new_zeros(distributed.local(b).shape[0], 2 * r)
-                    if x is None
-                    else distributed.local(x)
+                    ref.new_zeros(distributed.local(b).shape[0], 2 * r) if x is None else x
                     for b, x in zip(B, lefts)
                 ]
             )
@@ -811,6 +919,26 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         for j, (a, b) in enumerate(zip(g.A, g.B)):
             self.state[b]["momentum_left"] = distributed.wrap_rows(g.P_out[j], b, (g.m, 2 * r))
             self.state[a]["momentum_right"] = distributed.wrap_replicated(g.Rt_out[j].mT, a)
+            self._drop_core(a, b)
+
+    def _plain_left(self, b: Tensor) -> Tensor | None:
+        """A layer's ``momentum_left`` with its core folded in (``M = left core right^T``), as
+        a local tensor: the plain factor pair ``M = Pm Rm^T`` of the literal and sharded
+        paths."""
+        st = self.state[b]
+        left = st.get("momentum_left")
+        if left is None:
+            return None
+        left = distributed.local(left)
+        core = st.get("momentum_core")
+        return left if core is None else left @ distributed.local(core).to(left)
+
+    def _drop_core(self, a: Tensor, b: Tensor) -> None:
+        """Removes what only the structured path keeps (core, transport coefficients) from the
+        state of a layer whose momentum is stored as a plain factor pair."""
+        for key in ("momentum_core", "transport_left"):
+            self.state[b].pop(key, None)
+        self.state[a].pop("transport_right", None)
 
     def _count_step(self, key: tuple[Any, ...], B: list[Tensor]) -> None:
         """``state[b]["step"] += 1`` for a group: the counters are 0-d views of one tensor per
@@ -839,6 +967,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         r = key[2]
         # a cached grouping has checked that the parameters (objects, storage) are unchanged
         ws = self._workspaces.get(key) if cached else None
+        item.cached = ws is not None and ws.cdt == cdt
         if ws is None or ws.cdt != cdt:
             ws = _Workspace.build(A, B, r, cdt, self._arenas[(cdt, A[0].device)])
             if cached or self._grouping is not None:
@@ -853,24 +982,54 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
     def _structured_group(self, item: _GroupPlan) -> None:
         """One group of equal-shape layers by :func:`_structured_step`, in its workspace. The
         momentum buffers of the group are stacked once and then updated in place every step
-        while the state still holds exactly their views."""
+        while the state still holds exactly their views.
+
+        The momentum's transport coefficients (``cu``, ``cq``, see :class:`_Momentum`) of the
+        last step are used as they are when nothing can have moved the point since this
+        optimizer wrote it: the state holds this optimizer's buffers, the parameters are the
+        same objects with the same storage, and their version counters (which every in-place
+        change through the parameters bumps: ``copy_``, ``load_state_dict``, ``nn.init``)
+        are unchanged. Otherwise (after ``load_state_dict`` of either, or a change of the
+        factors) they are computed from the point and the momentum's bases, and the stored ones
+        are kept only when they agree (a resumed run then steps bit for bit as the one that
+        saved it)."""
         key, A, B, kw, cdt, ws = item.key, item.A, item.B, item.kw, item.cdt, item.ws
         assert ws is not None
-        r = key[2]
-        Pt, Rt, fresh = item.Pt, item.Rt, item.fresh
+        m, n, r = key[0], key[1], key[2]
+        L = len(A)
         # every tall block transposed ("wide", see _structured_step); U^T is a transposing copy
         torch.stack(ws.u_views, out=ws.Ut)
         torch.stack(ws.q_views, out=ws.Qt)
         torch.stack(ws.v_views, out=ws.Vt)
-        if Pt is not None and Rt is not None and Pt.dtype != cdt:
-            Pt, Rt, fresh = Pt.to(cdt), Rt.to(cdt), True
-        Ptold, Rtold = Pt, Rt
-        if kw["momentum"] and (Pt is None or Rt is None):
-            Pt = ws.Ut.new_empty(ws.Ut.shape[0], 2 * r, ws.Ut.shape[-1])
-            Rt = ws.Ut.new_empty(ws.Ut.shape[0], 2 * r, ws.Qt.shape[-1])
+        mom, fresh = item.mom, item.fresh
+        if mom is not None and mom.Pt.dtype != cdt:
+            mom = _Momentum(
+                *(
+                    None if x is None else x.to(cdt)
+                    for x in (mom.Pt, mom.Rt, mom.core, mom.cu, mom.cq)
+                ),
+                in_span=mom.in_span,
+            )
+            fresh = True
+        if mom is not None:
+            fast = (
+                not fresh
+                and item.cached
+                and mom.in_span
+                and self._versions.get(key) == _versions(A, B)
+            )
+            if not fast:
+                self._check_transport(mom, ws.Ut, ws.Qt)
+            out = _Momentum(mom.Pt, mom.Rt, mom.core)
+            if out.core is None:
+                out.core = ws.Ut.new_empty(L, 2 * r, 2 * r)
+        elif kw["momentum"]:
+            out = _Momentum.empty(ws.Ut, L, r, m, n)
+        else:
+            out = None
         # the new point lands in Ut, Qt and Vt (on every path)
-        _structured_step(
-            ws.Ut, ws.Qt, ws.Vt, ws.GQt, ws.GtUt, Ptold, Rtold, Pt, Rt, scratch=ws.scratch, **kw
+        _, _, _, coords = _structured_step(
+            ws.Ut, ws.Qt, ws.Vt, ws.GQt, ws.GtUt, mom, out, scratch=ws.scratch, **kw
         )
         # straight into the parameters, per layer (cheaper than assembling whole new tensors);
         # lr = 0 (e.g. the first warmup step) keeps the point exactly, the momentum still moves
@@ -878,39 +1037,121 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             torch._foreach_copy_(ws.u_views, ws.Ut_items)
             torch._foreach_copy_(ws.q_views, ws.Qt_items)
             torch._foreach_copy_(ws.v_views, ws.Vt_items)
-        if Pt is None or Rt is None or not fresh:
-            return  # no momentum, or updated in place: the state holds views of Pt, Rt
-        lefts, rights = Pt.mT.unbind(0), Rt.mT.unbind(0)
-        for a, b, left, right in zip(A, B, lefts, rights):
-            self.state[b]["momentum_left"] = left
-            self.state[a]["momentum_right"] = right
-        self._momentum_cache[key] = (Pt, Rt, lefts, rights)
+        elif coords is not None:  # the old point, U = [Qd | U] [0; I], Q = [Q | Qv] [I; 0]
+            eye = torch.eye(r, dtype=cdt, device=ws.Ut.device).expand(L, r, r)
+            zero = torch.zeros_like(eye)
+            coords = (torch.cat([zero, eye], -2), torch.cat([eye, zero], -2))
+        self._versions[key] = _versions(A, B)
+        if out is None:
+            return
+        self._keep_momentum(key, A, B, out, coords, fresh)
+
+    def _keep_momentum(
+        self,
+        key: tuple[Any, ...],
+        A: list[Tensor],
+        B: list[Tensor],
+        out: _Momentum,
+        coords: tuple[Tensor, Tensor] | None,
+        fresh: bool,
+    ) -> None:
+        """Keeps a group's new momentum (updated in place in ``out``'s buffers) and the point's
+        coordinates in its bases (into buffers kept with it); ``self.state`` holds per-layer
+        views of them, assigned anew only when the buffers or the presence of the coordinates
+        changed."""
+        cached = self._momentum_cache.get(key)
+        cu = cq = None
+        if coords is not None:
+            if not fresh and cached is not None and cached.cu_buf is not None:
+                cu, cq = cached.cu_buf, cached.cq_buf
+            else:
+                cu, cq = torch.empty_like(coords[0]), torch.empty_like(coords[1])
+            cu.copy_(coords[0])
+            cq.copy_(coords[1])
+        known = cu is not None
+        same = (
+            not fresh
+            and cached is not None
+            and cached.mom.Pt is out.Pt
+            and cached.mom.core is out.core
+            and (cached.mom.cu is not None) == known
+            and (not known or cached.mom.cu is cu)
+        )
+        mom = _Momentum(out.Pt, out.Rt, out.core, cu, cq, in_span=known)
+        if same and cached is not None:
+            cached.mom = mom
+            return
+        lefts, rights, cores = out.Pt.mT.unbind(0), out.Rt.mT.unbind(0), out.core.unbind(0)
+        cus = cu.unbind(0) if cu is not None else (None,) * len(A)
+        cqs = cq.unbind(0) if cq is not None else (None,) * len(A)
+        for a, b, left, right, c, tu, tq in zip(A, B, lefts, rights, cores, cus, cqs):
+            sb, sa = self.state[b], self.state[a]
+            sb["momentum_left"], sa["momentum_right"], sb["momentum_core"] = left, right, c
+            if tu is None:
+                sb.pop("transport_left", None)
+                sa.pop("transport_right", None)
+            else:
+                sb["transport_left"], sa["transport_right"] = tu, tq
+        views = (lefts, rights, cores, cus, cqs)
+        self._momentum_cache[key] = _MomentumCache(mom, views, cu, cq)
+
+    @staticmethod
+    def _check_transport(mom: _Momentum, Ut: Tensor, Qt: Tensor) -> None:
+        """Computes ``cu = Lb^T U``, ``cq = Rb^T Q`` of the current point; the momentum's own
+        (e.g. from a state dict) are kept, with the one-product transport, when they agree with
+        them to round-off (``U = Lb cu``, ``Q = Rb cq``), and replaced otherwise."""
+        cu, cq = mom.transport(Ut, Qt)
+        if mom.cu is not None and mom.cq is not None and mom.in_span:
+            eps = torch.finfo(cu.dtype).eps
+            tol = 4 * eps * max(Ut.shape[-1], Qt.shape[-1])
+            if bool(
+                torch.stack([(cu - mom.cu).abs().amax(), (cq - mom.cq).abs().amax()]).amax() <= tol
+            ):
+                return
+        mom.cu, mom.cq, mom.in_span = cu, cq, False
 
     def _stacked_momentum(
         self, key: tuple[Any, ...], A: list[Tensor], B: list[Tensor]
-    ) -> tuple[Tensor | None, Tensor | None, bool]:
-        """``(Pm^T, Rm^T, fresh)`` of a group, stacked ``(L, 2r, m)``, ``(L, 2r, n)`` contiguous
-        (None: no momentum yet). ``fresh=False``: the buffers of the previous step, whose views
-        the state still holds exactly; otherwise a new stack of the state's tensors (same
-        layout either way, so a resumed run is bitwise the same)."""
-        lefts = [self.state[b].get("momentum_left") for b in B]
-        rights = [self.state[a].get("momentum_right") for a in A]
+    ) -> tuple[_Momentum | None, bool]:
+        """The momentum of a group, stacked (None: no momentum yet), and whether it is
+        ``fresh``: a new stack of the state's tensors, not the buffers of the previous step
+        whose views the state still holds exactly (same layout either way, so a resumed run is
+        bitwise the same). The transport coefficients of a fresh stack are those of the state,
+        if every layer has them (``in_span`` claimed, to be checked)."""
+        states_b = [self.state[b] for b in B]
+        states_a = [self.state[a] for a in A]
+        lefts = [st.get("momentum_left") for st in states_b]
         cached = self._momentum_cache.get(key)
-        if (
-            cached is not None
-            and len(cached[2]) == len(lefts)
-            and all(x is y for x, y in zip(lefts, cached[2]))
-            and all(x is y for x, y in zip(rights, cached[3]))
-        ):
-            return cached[0], cached[1], False
+        if cached is not None and len(cached.views[0]) == len(lefts):
+            lv, rv, cv, uv, qv = cached.views
+            if (
+                all(map(operator.is_, lefts, lv))
+                and all(st.get("momentum_right") is x for st, x in zip(states_a, rv))
+                and all(st.get("momentum_core") is x for st, x in zip(states_b, cv))
+                and all(st.get("transport_left") is x for st, x in zip(states_b, uv))
+                and all(st.get("transport_right") is x for st, x in zip(states_a, qv))
+            ):
+                return cached.mom, False
         present = [x for x in lefts if x is not None]
         if not present:
-            return None, None, True
+            return None, True
         ref = present[0]
         m, n, r = key[0], key[1], key[2]
+        rights = [st.get("momentum_right") for st in states_a]
         lefts = [ref.new_zeros(m, 2 * r) if x is None else x for x in lefts]
         rights = [ref.new_zeros(n, 2 * r) if x is None else x for x in rights]
-        return torch.stack([x.mT for x in lefts]), torch.stack([x.mT for x in rights]), True
+        mom = _Momentum(torch.stack([x.mT for x in lefts]), torch.stack([x.mT for x in rights]))
+        cores = [st.get("momentum_core") for st in states_b]
+        if any(x is not None for x in cores):
+            eye = torch.eye(2 * r, dtype=ref.dtype, device=ref.device)
+            mom.core = torch.stack([eye if x is None else x.to(ref) for x in cores])
+        cus = [st.get("transport_left") for st in states_b]
+        cqs = [st.get("transport_right") for st in states_a]
+        if all(x is not None for x in cus + cqs):
+            mom.cu = torch.stack([x.to(ref) for x in cus])  # type: ignore[union-attr]
+            mom.cq = torch.stack([x.to(ref) for x in cqs])  # type: ignore[union-attr]
+            mom.in_span = True
+        return mom, True
 
     def _literal_group(
         self,
@@ -928,7 +1169,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         Q = torch.stack([a[:r].mT for a in A])
         GQ = torch.stack([b.grad[:, :r] for b in B])
         GtU = torch.stack([a.grad[r : 2 * r].mT for a in A])
-        lefts = [self.state[b].get("momentum_left") for b in B]
+        lefts = [self._plain_left(b) for b in B]
         rights = [self.state[a].get("momentum_right") for a in A]
         Pm = Rm = None
         present = [x for x in lefts if x is not None]
@@ -948,6 +1189,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             for j, (a, b) in enumerate(zip(A, B)):
                 self.state[b]["momentum_left"] = Pm_new[j]
                 self.state[a]["momentum_right"] = Rm_new[j]
+                self._drop_core(a, b)
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         params: list[Tensor] = []
@@ -1002,8 +1244,11 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
                     name = self._names.get(id(p), f"parameter of shape {tuple(p.shape)}")
                     if mine["manifold"] and key in _MOMENTUM_KEYS:
                         r = mine["ranks"][k // 2]
-                        rows = p.shape[1] if key == "momentum_right" else p.shape[0]
-                        expected: tuple[int, ...] = (rows, 2 * r)
+                        expected: tuple[int, ...] = {
+                            "momentum_left": (p.shape[0], 2 * r),
+                            "momentum_right": (p.shape[1], 2 * r),
+                            "momentum_core": (2 * r, 2 * r),
+                        }.get(key, (2 * r, r))
                     else:
                         expected = () if value.dim() == 0 else tuple(p.shape)
                     if tuple(value.shape) != expected:
@@ -1055,6 +1300,12 @@ class Riemannion(_ManifoldOptimizer):
     single-process step up to summation order (:mod:`riemannlora.distributed`); convert the model
     with :func:`riemannlora.to_manifold` (or :func:`riemannlora.init_loi`) before
     ``fully_shard``.
+
+    Changes between steps: factors may be changed through the parameters (in-place ops,
+    ``load_state_dict``, ``p.data = ...``): the step reads them anew and recomputes the
+    momentum's transport. A change written through ``p.data`` in place (``p.data.copy_(...)``),
+    which no version counter records, is read too, but the momentum is then transported as if
+    the factors had not changed for that one step.
 
     Args:
         model: the PEFT model (``peft.PeftModel``) with LoRA on Linear layers.
