@@ -20,6 +20,7 @@ from test_manifold import (
     base_weights,
     dense_gradients,
     lm_loss,
+    logits,
     mlp_data,
     mlp_loss,
     peft_llama,
@@ -745,6 +746,24 @@ def test_momentum_state_as_a_plain_factor_pair_resumes():
         torch.testing.assert_close(
             y.point().detach(), ref, atol=1e-11 * ref.abs().max().item(), rtol=0
         )
+
+
+def test_optimizer_stores_lora_b_column_major():
+    """Without a process group the optimizer lays ``lora_B`` out column-major (same values,
+    same Parameter objects), so that its gradient arrives column-major too."""
+    _, model = peft_llama()
+    ids = token_batch()
+    rl.to_manifold(model, generator=torch.Generator().manual_seed(0))
+    before = logits(model, ids)
+    params = [layer.b for layer in manifold_layers(model)]
+    values = [p.detach().clone() for p in params]
+    rl.Riemannion(model, lr=0.05)
+    layers = manifold_layers(model)
+    for layer, p, v in zip(layers, params, values):
+        assert layer.b is p and layer.b.stride() == (1, layer.m) and torch.equal(p, v)
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-6, atol=1e-6)
+    lm_loss(model, ids).backward()
+    assert all(layer.b.grad.stride() == (1, layer.m) for layer in layers)
 
 
 def test_momentum_buffers_are_updated_in_place():

@@ -24,7 +24,8 @@ products are fastest), works in those buffers in place (on CPU the page faults o
 multi-MB buffers cost as much as the arithmetic; the gradient stacks take ``r (m + n)``
 numbers per layer, the rest is shared by the groups, which step one after the other), updates
 the stacked momentum buffers in place and writes the parameters back with one
-``_foreach_copy_`` per block.
+``_foreach_copy_`` per block. Without a process group the optimizer stores ``lora_B``
+column-major, so that these gathers and write-backs are plain copies (``_column_major_``).
 
 The momentum ``M`` (a tangent vector at the point of the step that made it) is kept in the
 bases of that step's direction, ``M = Lb core Rb^T`` with ``Lb = [Qd | U_old]`` ``(m, 2r)`` and
@@ -555,6 +556,20 @@ def _factor(layer: ManifoldLayer, name: str) -> Any:
         return getattr(layer, "a" if name == "lora_A" else "b")
 
 
+def _column_major_(p: nn.Parameter) -> None:
+    """Stores a ``lora_B`` factor ``(m, w)`` column-major, in place (same Parameter, same
+    values): its block ``U^T`` and, by autograd's gradient layout contract, its gradient's
+    ``(G Q)^T`` are then contiguous ``(r, m)`` rows, the layout the step stacks them in, so the
+    step gathers and writes them back with plain copies instead of transposing ones (the
+    forward and backward products run as fast in either layout). Sharded factors and factors
+    already laid out so are left alone."""
+    if distributed.is_dtensor(p) or p.dim() != 2 or p.stride() == (1, p.shape[0]):
+        return
+    p.data = p.data.mT.contiguous().mT
+    if p.grad is not None:
+        p.grad = p.grad.mT.contiguous().mT
+
+
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
@@ -611,6 +626,12 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         self._init_guard(nonfinite)
 
         layers = to_manifold(model, generator=generator)
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            # no process group, so no DDP/FSDP wrapper yet (DDP built before a change of a
+            # parameter's layout reduces its gradients wrongly; FSDP2 takes only contiguous
+            # parameters): lora_B column-major, see _column_major_
+            for layer in layers:
+                _column_major_(layer.b)
         in_layers = {id(p) for layer in layers for p in (layer.a, layer.b)}
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in in_layers]
         defaults = {
@@ -1301,7 +1322,12 @@ class Riemannion(_ManifoldOptimizer):
     with :func:`riemannlora.to_manifold` (or :func:`riemannlora.init_loi`) before
     ``fully_shard``.
 
-    Changes between steps: factors may be changed through the parameters (in-place ops,
+    Layout and changes between steps: created without a ``torch.distributed`` process group,
+    the optimizer stores each ``lora_B`` column-major (the same Parameter and values; its
+    gradient follows), which makes the step's gathers plain copies; ``safetensors``'
+    ``save_file`` then wants ``.contiguous()`` tensors (``export_adapter``, ``save_pretrained``,
+    ``safetensors.torch.save_model``, Accelerate and ``torch.save`` handle this themselves).
+    Factors may be changed between steps through the parameters (in-place ops,
     ``load_state_dict``, ``p.data = ...``): the step reads them anew and recomputes the
     momentum's transport. A change written through ``p.data`` in place (``p.data.copy_(...)``),
     which no version counter records, is read too, but the momentum is then transported as if
