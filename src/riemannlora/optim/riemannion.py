@@ -63,6 +63,7 @@ import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain, repeat
 from typing import Any
 
 import torch
@@ -534,7 +535,28 @@ class _MomentumCache:
 
 def _versions(A: list[Tensor], B: list[Tensor]) -> list[int]:
     """The version counters of a group's factors (every in-place change bumps them)."""
-    return [p._version for p in A] + [p._version for p in B]
+    return list(map(_VERSION, chain(A, B)))
+
+
+# C-level accessors for the per-step checks over every layer (no Python frame per layer)
+_GRAD = operator.attrgetter("grad")
+_VERSION = operator.attrgetter("_version")
+_MODULES = operator.attrgetter("_modules")
+_PARAMS = operator.attrgetter("_parameters")
+_WEIGHT = operator.itemgetter("weight")
+_DATA_PTR = operator.methodcaller("data_ptr")
+
+
+def _state_get(key: str) -> Callable[[dict[str, Any]], Any]:
+    """``state.get(key)`` as a C-level callable."""
+    return operator.methodcaller("get", key)
+
+
+def _slot_weights(mods: list[dict[str, Any]], name: str, adapters: list[str]) -> Any:
+    """``module._modules[name]._modules[adapter]._parameters["weight"]`` of every layer, where
+    the layer's factor lives now (an iterator)."""
+    dicts = map(_MODULES, map(operator.itemgetter(name), mods))
+    return map(_WEIGHT, map(_PARAMS, map(operator.getitem, dicts, adapters)))
 
 
 @dataclass(eq=False)
@@ -671,7 +693,10 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         self._layers: list[ManifoldLayer] = layers
         # where each layer's factors live (module dict, adapter): the per-step check that they
         # were not replaced, without nn.Module.__getattr__
-        self._slots = [(layer.module._modules, layer.adapter) for layer in layers]
+        self._slots = (
+            [layer.module._modules for layer in layers],
+            [layer.adapter for layer in layers],
+        )
         self._layer_param_ids = in_layers
         self._built = True
         names = {id(p): n for n, p in model.named_parameters()}
@@ -843,18 +868,18 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             cache is None
             or len(params) != len(cache.params)
             or not all(map(operator.is_, params, cache.params))
-            or any(p.grad is None for p in params)
+            or any(map(operator.is_, map(_GRAD, params), repeat(None)))
         ):
             return None
+        mods, adapters = self._slots
         try:
             same = all(
-                mods["lora_A"]._modules[adapter]._parameters["weight"] is a
-                and mods["lora_B"]._modules[adapter]._parameters["weight"] is b
-                for (mods, adapter), a, b in zip(self._slots, params[0::2], params[1::2])
+                all(map(operator.is_, _slot_weights(mods, name, adapters), factors))
+                for name, factors in (("lora_A", params[0::2]), ("lora_B", params[1::2]))
             )
         except (KeyError, AttributeError):
             return None
-        if not same or [p.data_ptr() for p in params] != cache.ptrs:
+        if not same or list(map(_DATA_PTR, params)) != cache.ptrs:
             return None
         return cache.groups
 
@@ -884,7 +909,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         out = [(key, ks) for ks, key in groups]
         cacheable = len(active) == len(self._layers) and all(key[-1] is None for key in keys)
         self._grouping = (
-            _Grouping(list(params), [p.data_ptr() for p in params], out) if cacheable else None
+            _Grouping(list(params), list(map(_DATA_PTR, params)), out) if cacheable else None
         )
         return out
 
@@ -964,12 +989,12 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
     def _count_step(self, key: tuple[Any, ...], B: list[Tensor]) -> None:
         """``state[b]["step"] += 1`` for a group: the counters are 0-d views of one tensor per
         group, incremented by a single op while the state still holds exactly those views."""
-        steps = [self.state[b].get("step") for b in B]
+        steps = list(map(_state_get("step"), map(self.state.__getitem__, B)))
         cached = self._step_cache.get(key)
         if (
             cached is not None
             and len(cached[1]) == len(steps)
-            and all(x is y for x, y in zip(steps, cached[1]))
+            and all(map(operator.is_, steps, cached[1]))
         ):
             cached[0].add_(1.0)
             return
@@ -1139,19 +1164,21 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         whose views the state still holds exactly (same layout either way, so a resumed run is
         bitwise the same). The transport coefficients of a fresh stack are those of the state,
         if every layer has them (``in_span`` claimed, to be checked)."""
-        states_b = [self.state[b] for b in B]
-        states_a = [self.state[a] for a in A]
-        lefts = [st.get("momentum_left") for st in states_b]
+        states_b = list(map(self.state.__getitem__, B))
+        states_a = list(map(self.state.__getitem__, A))
+        lefts = list(map(_state_get("momentum_left"), states_b))
         cached = self._momentum_cache.get(key)
         if cached is not None and len(cached.views[0]) == len(lefts):
             lv, rv, cv, uv, qv = cached.views
-            if (
-                all(map(operator.is_, lefts, lv))
-                and all(st.get("momentum_right") is x for st, x in zip(states_a, rv))
-                and all(st.get("momentum_core") is x for st, x in zip(states_b, cv))
-                and all(st.get("transport_left") is x for st, x in zip(states_b, uv))
-                and all(st.get("transport_right") is x for st, x in zip(states_a, qv))
-            ):
+            if all(
+                all(map(operator.is_, map(_state_get(name), states), views))
+                for name, states, views in (
+                    ("momentum_right", states_a, rv),
+                    ("momentum_core", states_b, cv),
+                    ("transport_left", states_b, uv),
+                    ("transport_right", states_a, qv),
+                )
+            ) and all(map(operator.is_, lefts, lv)):
                 return cached.mom, False
         present = [x for x in lefts if x is not None]
         if not present:
