@@ -516,14 +516,23 @@ def test_optimizer_householder_fallback_matches_literal_float64(monkeypatch):
     _check_optimizer_against_literal(rl.Riemannion, {"weight_decay": 0.1})
 
 
-def _check_optimizer_against_literal(opt_cls, kw):
+@pytest.mark.parametrize("opt_cls", [rl.Riemannion, rl.RiemannianSGD])
+def test_step_after_a_zero_lr_step_matches_literal_float64(opt_cls):
+    """lr = 0 keeps the point bit for bit (no write-back): the momentum's coordinates are
+    then those of the old point in the new bases, and the next steps still match the literal
+    formulas."""
+    _check_optimizer_against_literal(opt_cls, {"weight_decay": 0.1}, (1.0, 0.0, 1.0, 1.0))
+
+
+def _check_optimizer_against_literal(opt_cls, kw, lr_factors=(1.0, 1.0, 1.0)):
     _, model = peft_mlp(dtype=torch.float32)
     data = mlp_data(dtype=torch.float32)
     kw = {"lr": 0.05, **kw}
     opt = opt_cls(model, **kw)
     layers = manifold_layers(model)
     damp = opt_cls is rl.RiemannianSGD
-    for _ in range(3):
+    for factor in lr_factors:
+        opt.param_groups[0]["lr"] = kw["lr"] * factor
         opt.zero_grad()
         mlp_loss(model, data).backward()
         before = {}
@@ -537,7 +546,7 @@ def _check_optimizer_against_literal(opt_cls, kw):
         for layer in layers:
             U_ref, V_ref, _, Pm_ref, Rm_ref = manifold_step(
                 *before[layer.name],
-                lr=kw["lr"],
+                lr=kw["lr"] * factor,
                 weight_decay=kw.get("weight_decay", 0.0),
                 momentum=0.9,
                 dampening=0.9 if damp else 0.0,
