@@ -353,70 +353,73 @@ def _structured_step(
     g = 1.0 - dampening
     beta = momentum
     r = Ut.shape[-2]
+    prev = mom if beta else None  # the momentum that enters
+    # where the new momentum goes: the bases of the direction (QRs below), or for Nesterov's raw
+    # momentum, which is not the direction the QRs factor, its own factor pair
+    keep = out if beta else None
+    raw_pair = nesterov and not store_orthogonalized
     H = Ut @ GQt.mT  # U^T G Q (r, r)
     # Q^T G^T U: (U^T G Q)^T only up to the rounding of the two gradient blocks (bf16 models)
     E = Qt @ GtUt.mT
-    have = bool(beta) and mom is not None
-    in_span = False
-    if mom is not None and have:
-        cu, cq = mom.cu, mom.cq
-        if cu is None or cq is None:
-            cu, cq = mom.transport(Ut, Qt)
-        Z = cq if mom.core is None else mom.core @ cq
-        Y = cu if mom.core is None else mom.core.mT @ cu
+    if prev is not None:
+        cu, cq = (prev.cu, prev.cq) if prev.cu is not None else prev.transport(Ut, Qt)
+        assert cq is not None
+        Z = cq if prev.core is None else prev.core @ cq
+        Y = cu if prev.core is None else prev.core.mT @ cu
         K1 = torch.baddbmm(H, cu.mT, Z, beta=g, alpha=beta)  # U^T (g G Q + beta M Q)
         B = torch.baddbmm(E, cq.mT, Y, beta=g, alpha=beta)  # Q^T dV
-        in_span = mom.in_span and mom.cu is not None and mom.cq is not None
     else:
-        K1 = H * g
-        B = E * g
-    store = bool(beta) and out is not None
-    # the raw momentum of a Nesterov step is not the direction the QRs factor: it is stored as
-    # its own factor pair; every other momentum lives in the bases of the direction
-    raw_pair = store and nesterov and not store_orthogonalized
+        K1, B = H * g, E * g
     if beta and nesterov:
         # the momentum M = (dU, dV) and the direction beta M + g xi_g, which the QRs factor
-        if mom is not None and have:
-            dUt = torch.baddbmm(GQt, Z.mT, mom.Pt, beta=g, alpha=beta)
+        if prev is not None:
+            dUt = torch.baddbmm(GQt, Z.mT, prev.Pt, beta=g, alpha=beta)
             dUt.baddbmm_(K1.mT, Ut, alpha=-1.0)
-            dVt = torch.baddbmm(GtUt, Y.mT, mom.Rt, beta=g, alpha=beta)
+            dVt = torch.baddbmm(GtUt, Y.mT, prev.Rt, beta=g, alpha=beta)
         else:
             dUt = torch.baddbmm(GQt, K1.mT, Ut, beta=g, alpha=-1.0)
             dVt = GtUt * g
         uUt = GQt.baddbmm_(H.mT, Ut, alpha=-1.0).mul_(g).add_(dUt, alpha=beta)
         Bu = torch.add(E * g, B, alpha=beta)  # Q^T (beta dV + g G^T U)
         uWt = GtUt.mul_(g).add_(dVt, alpha=beta).baddbmm_(Bu.mT, Qt, alpha=-1.0)
-        if raw_pair and out is not None:  # [dU | U], [Q | dV], identity core
-            _store_bases(out, dUt, Ut, Qt, dVt)
-            assert out.core is not None
-            out.core.copy_(torch.eye(2 * r, dtype=Ut.dtype, device=Ut.device))
+        if keep is not None and raw_pair:  # [dU | U], [Q | dV], identity core
+            assert keep.core is not None
+            _store_bases(keep, dUt, Ut, Qt, dVt)
+            keep.core.copy_(torch.eye(2 * r, dtype=Ut.dtype, device=Ut.device))
         t = _tangent_qr_parts_(uUt.mT, uWt.mT, Bu)
     else:
-        if mom is not None and have and in_span:
-            dUt = GQt.baddbmm_(torch.baddbmm(Z, cu, K1, beta=beta, alpha=-1.0).mT, mom.Pt, beta=g)
-            Wt = GtUt.baddbmm_(torch.baddbmm(Y, cq, B, beta=beta, alpha=-1.0).mT, mom.Rt, beta=g)
-        elif mom is not None and have:
-            dUt = GQt.baddbmm_(Z.mT, mom.Pt, beta=g, alpha=beta).baddbmm_(K1.mT, Ut, alpha=-1.0)
-            Wt = GtUt.baddbmm_(Y.mT, mom.Rt, beta=g, alpha=beta).baddbmm_(B.mT, Qt, alpha=-1.0)
+        if prev is not None and prev.in_span and prev.cu is not None:
+            # U = Lb cu, Q = Rb cq: one product with each basis
+            dUt = GQt.baddbmm_(torch.baddbmm(Z, cu, K1, beta=beta, alpha=-1.0).mT, prev.Pt, beta=g)
+            Wt = GtUt.baddbmm_(torch.baddbmm(Y, cq, B, beta=beta, alpha=-1.0).mT, prev.Rt, beta=g)
+        elif prev is not None:
+            dUt = GQt.baddbmm_(Z.mT, prev.Pt, beta=g, alpha=beta).baddbmm_(K1.mT, Ut, alpha=-1.0)
+            Wt = GtUt.baddbmm_(Y.mT, prev.Rt, beta=g, alpha=beta).baddbmm_(B.mT, Qt, alpha=-1.0)
         else:
             dUt = GQt.baddbmm_(K1.mT, Ut, beta=g, alpha=-1.0)
             Wt = GtUt.baddbmm_(B.mT, Qt, beta=g, alpha=-1.0)
         t = _tangent_qr_parts_(dUt.mT, Wt.mT, B)  # Qd, Qv overwrite dU, W
-    in_bases = store and not raw_pair and out is not None
-    if in_bases and out is not None:  # bases [Qd | U], [Q | Qv]
-        _store_bases(out, t.Qd.mT, Ut, Qt, t.Qv.mT)
+    in_bases = keep if keep is not None and not raw_pair else None
     core = None
-    if in_bases and out is not None and not store_orthogonalized:
-        core = tangent_core(t, out=out.core)
+    if in_bases is not None:  # bases [Qd | U], [Q | Qv]; the core of the raw direction
+        _store_bases(in_bases, t.Qd.mT, Ut, Qt, t.Qv.mT)
+        if not store_orthogonalized:
+            core = tangent_core(t, out=in_bases.core)
     if orthogonalize:
         t = msign_tangent_qr(t, core=core)
-    if in_bases and out is not None and store_orthogonalized:
-        tangent_core(t, out=out.core)
-    bases = (out.Pt, out.Rt) if in_bases and out is not None else None
-    U_new, V_new, Q_new, coords = _retract_qr_(
-        Ut.mT, Vt.mT, Qt.mT, t, lr, weight_decay, scratch=scratch, overwrite=True, bases=bases
+    if in_bases is not None and store_orthogonalized:
+        tangent_core(t, out=in_bases.core)
+    return _retract_qr_(
+        Ut.mT,
+        Vt.mT,
+        Qt.mT,
+        t,
+        lr,
+        weight_decay,
+        scratch=scratch,
+        overwrite=True,
+        bases=None if in_bases is None else (in_bases.Pt, in_bases.Rt),
     )
-    return U_new, V_new, Q_new, coords
 
 
 def _store_bases(out: _Momentum, Lt1: Tensor, Ut: Tensor, Qt: Tensor, Rt2: Tensor) -> None:
@@ -522,15 +525,12 @@ class _GroupPlan:
 
 @dataclass(eq=False)
 class _MomentumCache:
-    """A group's momentum as this optimizer last wrote it: the stacked buffers, the per-layer
-    views of them that ``self.state`` holds (``momentum_left``, ``momentum_right``,
-    ``momentum_core``, ``transport_left``, ``transport_right``; None where absent) and the
-    buffers of the transport coefficients (kept while they are not known, for reuse)."""
+    """A group's momentum as this optimizer last wrote it: the stacked buffers and the
+    per-layer views of them that ``self.state`` holds (``momentum_left``, ``momentum_right``,
+    ``momentum_core``, ``transport_left``, ``transport_right``; None where absent)."""
 
     mom: _Momentum
     views: tuple[Any, ...]
-    cu_buf: Tensor | None
-    cq_buf: Tensor | None
 
 
 def _versions(A: list[Tensor], B: list[Tensor]) -> list[int]:
@@ -1106,26 +1106,17 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         views of them, assigned anew only when the buffers or the presence of the coordinates
         changed."""
         cached = self._momentum_cache.get(key)
+        last = cached.mom if cached is not None and not fresh else None
         cu = cq = None
         if coords is not None:
-            if not fresh and cached is not None and cached.cu_buf is not None:
-                cu, cq = cached.cu_buf, cached.cq_buf
+            if last is not None and last.cu is not None and last.cq is not None:
+                cu, cq = last.cu.copy_(coords[0]), last.cq.copy_(coords[1])
             else:
-                cu, cq = torch.empty_like(coords[0]), torch.empty_like(coords[1])
-            cu.copy_(coords[0])
-            cq.copy_(coords[1])
-        known = cu is not None
-        same = (
-            not fresh
-            and cached is not None
-            and cached.mom.Pt is out.Pt
-            and cached.mom.core is out.core
-            and (cached.mom.cu is not None) == known
-            and (not known or cached.mom.cu is cu)
-        )
-        mom = _Momentum(out.Pt, out.Rt, out.core, cu, cq, in_span=known)
-        if same and cached is not None:
-            cached.mom = mom
+                cu, cq = coords[0].clone(), coords[1].clone()
+        assert out.core is not None
+        mom = _Momentum(out.Pt, out.Rt, out.core, cu, cq, in_span=cu is not None)
+        if cached is not None and last is not None and last.Pt is out.Pt and last.cu is cu:
+            cached.mom = mom  # the state holds views of these very buffers
             return
         lefts, rights, cores = out.Pt.mT.unbind(0), out.Rt.mT.unbind(0), out.core.unbind(0)
         cus = cu.unbind(0) if cu is not None else (None,) * len(A)
@@ -1138,8 +1129,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
                 sa.pop("transport_right", None)
             else:
                 sb["transport_left"], sa["transport_right"] = tu, tq
-        views = (lefts, rights, cores, cus, cqs)
-        self._momentum_cache[key] = _MomentumCache(mom, views, cu, cq)
+        self._momentum_cache[key] = _MomentumCache(mom, (lefts, rights, cores, cus, cqs))
 
     @staticmethod
     def _check_transport(mom: _Momentum, Ut: Tensor, Qt: Tensor) -> None:
