@@ -62,7 +62,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain, repeat
 from typing import Any
 
@@ -1065,7 +1065,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
                 and self._versions.get(key) == _versions(A, B)
             )
             if not fast:
-                self._check_transport(mom, ws.Ut, ws.Qt)
+                mom = self._check_transport(mom, ws.Ut, ws.Qt)
             out = _Momentum(mom.Pt, mom.Rt, mom.core)
             if out.core is None:
                 out.core = ws.Ut.new_empty(L, 2 * r, 2 * r)
@@ -1083,7 +1083,9 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             torch._foreach_copy_(ws.u_views, ws.Ut_items)
             torch._foreach_copy_(ws.q_views, ws.Qt_items)
             torch._foreach_copy_(ws.v_views, ws.Vt_items)
-        elif coords is not None:  # the old point, U = [Qd | U] [0; I], Q = [Q | Qv] [I; 0]
+        elif kw["momentum"] and not (kw["nesterov"] and not kw["store_orthogonalized"]):
+            # the momentum's bases [Qd | U], [Q | Qv] hold the old point: U = [Qd | U] [0; I],
+            # Q = [Q | Qv] [I; 0]
             eye = torch.eye(r, dtype=cdt, device=ws.Ut.device).expand(L, r, r)
             zero = torch.zeros_like(eye)
             coords = (torch.cat([zero, eye], -2), torch.cat([eye, zero], -2))
@@ -1132,10 +1134,11 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         self._momentum_cache[key] = _MomentumCache(mom, (lefts, rights, cores, cus, cqs))
 
     @staticmethod
-    def _check_transport(mom: _Momentum, Ut: Tensor, Qt: Tensor) -> None:
+    def _check_transport(mom: _Momentum, Ut: Tensor, Qt: Tensor) -> _Momentum:
         """Computes ``cu = Lb^T U``, ``cq = Rb^T Q`` of the current point; the momentum's own
         (e.g. from a state dict) are kept, with the one-product transport, when they agree with
-        them to round-off (``U = Lb cu``, ``Q = Rb cq``), and replaced otherwise."""
+        them to round-off (``U = Lb cu``, ``Q = Rb cq``), and replaced otherwise (in the
+        returned momentum: the buffers whose views the state holds are not touched)."""
         cu, cq = mom.transport(Ut, Qt)
         if mom.cu is not None and mom.cq is not None and mom.in_span:
             eps = torch.finfo(cu.dtype).eps
@@ -1143,8 +1146,8 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             if bool(
                 torch.stack([(cu - mom.cu).abs().amax(), (cq - mom.cq).abs().amax()]).amax() <= tol
             ):
-                return
-        mom.cu, mom.cq, mom.in_span = cu, cq, False
+                return mom
+        return replace(mom, cu=cu, cq=cq, in_span=False)
 
     def _stacked_momentum(
         self, key: tuple[Any, ...], A: list[Tensor], B: list[Tensor]
