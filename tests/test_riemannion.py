@@ -395,6 +395,28 @@ def test_optimizer_detects_rebuilt_layers():
         opt.step()
 
 
+@pytest.mark.parametrize("what", ["weight", "module"])
+def test_optimizer_detects_factors_replaced_between_steps(what):
+    """A factor replaced after a step (a new weight Parameter, or a new factor module) is
+    noticed at the next step, though the optimizer's own parameters kept their storage."""
+    ids = token_batch()
+    _, model = peft_llama()
+    opt = rl.Riemannion(model, lr=0.01)
+    _train(model, opt, ids, 2)
+    layer = manifold_layers(model)[1]
+    if what == "weight":
+        layer.module.lora_A["default"].weight = nn.Parameter(layer.a.detach().clone())
+    else:
+        old = layer.module.lora_B["default"]
+        new = nn.Linear(old.in_features, old.out_features, bias=False)
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+        layer.module.lora_B["default"] = new
+    lm_loss(model, ids).backward()
+    with pytest.raises(RuntimeError, match="were replaced after this optimizer was created"):
+        opt.step()
+
+
 @pytest.mark.parametrize(
     ("kw", "exc", "match"),
     [

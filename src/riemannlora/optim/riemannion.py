@@ -562,11 +562,36 @@ def _slot_weights(mods: list[dict[str, Any]], name: str, adapters: list[str]) ->
 @dataclass(eq=False)
 class _Grouping:
     """The grouping of a manifold param group's layers by key, valid while the group holds
-    exactly these parameter objects with this storage and every layer has both gradients."""
+    exactly these parameter objects with this storage and every layer has both gradients.
+    ``epoch``: :func:`_registration_epoch` when the factors were last found in their layers."""
 
     params: list[Tensor]
     ptrs: list[int]
     groups: list[tuple[tuple[Any, ...], list[int]]]
+    epoch: int
+
+
+_EPOCH = [0]
+_EPOCH_HOOKS: list[Any] = []
+
+
+def _registration_epoch() -> int:
+    """A counter of the submodules and parameters registered on any module of the process
+    (``nn.Module.__setattr__``, ``add_module``, ``register_parameter``, ``ModuleDict``
+    assignment; through torch's global registration hooks, installed once). While it stands
+    still, no factor module or weight can have been replaced, and the per-step check that each
+    layer still holds the optimizer's factors (a walk over every layer's modules, slow on a
+    cold cache) is skipped."""
+    if not _EPOCH_HOOKS:
+        from torch.nn.modules import module as torch_module
+
+        def bump(*_: Any) -> None:
+            _EPOCH[0] += 1
+
+        _EPOCH_HOOKS.append(torch_module.register_module_module_registration_hook(bump))
+        _EPOCH_HOOKS.append(torch_module.register_module_parameter_registration_hook(bump))
+        _EPOCH[0] += 1
+    return _EPOCH[0]
 
 
 def _factor(layer: ManifoldLayer, name: str) -> Any:
@@ -871,15 +896,20 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             or any(map(operator.is_, map(_GRAD, params), repeat(None)))
         ):
             return None
-        mods, adapters = self._slots
-        try:
-            same = all(
-                all(map(operator.is_, _slot_weights(mods, name, adapters), factors))
-                for name, factors in (("lora_A", params[0::2]), ("lora_B", params[1::2]))
-            )
-        except (KeyError, AttributeError):
-            return None
-        if not same or list(map(_DATA_PTR, params)) != cache.ptrs:
+        epoch = _registration_epoch()
+        if cache.epoch != epoch:
+            mods, adapters = self._slots
+            try:
+                same = all(
+                    all(map(operator.is_, _slot_weights(mods, name, adapters), factors))
+                    for name, factors in (("lora_A", params[0::2]), ("lora_B", params[1::2]))
+                )
+            except (KeyError, AttributeError):
+                return None
+            if not same:
+                return None
+            cache.epoch = epoch
+        if list(map(_DATA_PTR, params)) != cache.ptrs:
             return None
         return cache.groups
 
@@ -909,7 +939,9 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         out = [(key, ks) for ks, key in groups]
         cacheable = len(active) == len(self._layers) and all(key[-1] is None for key in keys)
         self._grouping = (
-            _Grouping(list(params), list(map(_DATA_PTR, params)), out) if cacheable else None
+            _Grouping(list(params), list(map(_DATA_PTR, params)), out, _registration_epoch())
+            if cacheable
+            else None
         )
         return out
 
