@@ -357,7 +357,7 @@ def _structured_step(
     # where the new momentum goes: the bases of the direction (QRs below), or for Nesterov's raw
     # momentum, which is not the direction the QRs factor, its own factor pair
     keep = out if beta else None
-    raw_pair = nesterov and not store_orthogonalized
+    raw_pair = not _kept_in_bases(beta, nesterov, store_orthogonalized)
     H = Ut @ GQt.mT  # U^T G Q (r, r)
     # Q^T G^T U: (U^T G Q)^T only up to the rounding of the two gradient blocks (bf16 models)
     E = Qt @ GtUt.mT
@@ -420,6 +420,12 @@ def _structured_step(
         overwrite=True,
         bases=None if in_bases is None else (in_bases.Pt, in_bases.Rt),
     )
+
+
+def _kept_in_bases(momentum: float, nesterov: bool, store_orthogonalized: bool) -> bool:
+    """Whether a step keeps its momentum in the bases of its direction (every momentum but
+    Nesterov's raw one, which is not the direction the QRs factor)."""
+    return bool(momentum) and not (nesterov and not store_orthogonalized)
 
 
 def _store_bases(out: _Momentum, Lt1: Tensor, Ut: Tensor, Qt: Tensor, Rt2: Tensor) -> None:
@@ -1075,7 +1081,8 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         assert ws is not None
         m, n, r = key[0], key[1], key[2]
         L = len(A)
-        # every tall block transposed ("wide", see _structured_step); U^T is a transposing copy
+        # every tall block transposed ("wide", see _structured_step); U^T is a plain copy while
+        # lora_B is column-major (_column_major_)
         torch.stack(ws.u_views, out=ws.Ut)
         torch.stack(ws.q_views, out=ws.Qt)
         torch.stack(ws.v_views, out=ws.Vt)
@@ -1115,7 +1122,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             torch._foreach_copy_(ws.u_views, ws.Ut_items)
             torch._foreach_copy_(ws.q_views, ws.Qt_items)
             torch._foreach_copy_(ws.v_views, ws.Vt_items)
-        elif kw["momentum"] and not (kw["nesterov"] and not kw["store_orthogonalized"]):
+        elif _kept_in_bases(kw["momentum"], kw["nesterov"], kw["store_orthogonalized"]):
             # the momentum's bases [Qd | U], [Q | Qv] hold the old point: U = [Qd | U] [0; I],
             # Q = [Q | Qv] [I; 0]
             eye = torch.eye(r, dtype=cdt, device=ws.Ut.device).expand(L, r, r)
