@@ -613,7 +613,8 @@ def _llama_run(steps, before_step=None):
 
 def test_step_follows_factors_moved_to_new_storage():
     """The optimizer keeps per-group buffers and views of the factors across steps; factors
-    given new storage (``p.data = ...``) between steps are read and written there."""
+    given new storage (``p.data = ...``) between steps, which are then no longer packed, are
+    read and written there, by the same arithmetic as packed ones (bit for bit)."""
 
     def move(k, model, layers):
         for layer in layers:
@@ -815,22 +816,123 @@ def test_momentum_state_as_a_plain_factor_pair_resumes():
         )
 
 
-def test_optimizer_stores_lora_b_column_major():
-    """Without a process group the optimizer lays ``lora_B`` out column-major (same values,
-    same Parameter objects), so that its gradient arrives column-major too."""
+def _storage(t):
+    return t.untyped_storage().data_ptr()
+
+
+def test_optimizer_packs_factors_per_shape():
+    """Without a process group the optimizer moves the factors of the layers of each shape into
+    two buffers (same values, same Parameter objects; ``lora_B`` column-major, so that its
+    gradient arrives column-major too); the step then writes the point there in place and
+    tells autograd that the factors changed."""
     _, model = peft_llama()
     ids = token_batch()
     rl.to_manifold(model, generator=torch.Generator().manual_seed(0))
     before = logits(model, ids)
-    params = [layer.b for layer in manifold_layers(model)]
-    values = [p.detach().clone() for p in params]
-    rl.Riemannion(model, lr=0.05)
     layers = manifold_layers(model)
-    for layer, p, v in zip(layers, params, values):
-        assert layer.b is p and layer.b.stride() == (1, layer.m) and torch.equal(p, v)
+    params = [(layer.a, layer.b) for layer in layers]
+    values = [(a.detach().clone(), b.detach().clone()) for a, b in params]
+    opt = rl.Riemannion(model, lr=0.05)
+    layers = manifold_layers(model)
+    for layer, (a, b), (va, vb) in zip(layers, params, values):
+        assert layer.a is a and layer.b is b and torch.equal(a, va) and torch.equal(b, vb)
+        assert a.is_contiguous() and b.stride() == (1, layer.m)
     torch.testing.assert_close(logits(model, ids), before, rtol=1e-6, atol=1e-6)
+    by_shape = {}
+    for layer in layers:
+        by_shape.setdefault((layer.m, layer.n), []).append(layer)
+    assert len(by_shape) == 2 and all(len(group) == 2 for group in by_shape.values())
+    for group in by_shape.values():
+        for name in ("a", "b"):
+            ts = [getattr(layer, name) for layer in group]
+            assert len({_storage(t) for t in ts}) == 1  # one buffer per shape and factor
+            step = ts[0].numel()
+            assert [t.storage_offset() - ts[0].storage_offset() for t in ts] == [0, step]
+    assert len({_storage(layer.a) for layer in layers}) == 2
     lm_loss(model, ids).backward()
     assert all(layer.b.grad.stride() == (1, layer.m) for layer in layers)
+    ptrs = [(_storage(layer.a), _storage(layer.b)) for layer in layers]
+    versions = [(layer.a._version, layer.b._version) for layer in layers]
+    points = [layer.point().detach().clone() for layer in layers]
+    opt.step()
+    for layer, ptr, version, point in zip(layers, ptrs, versions, points):
+        assert (_storage(layer.a), _storage(layer.b)) == ptr  # written in place
+        assert layer.a._version > version[0] and layer.b._version > version[1]
+        assert not torch.equal(layer.point(), point)
+    # a graph recorded before the step sees that its saved factors changed, as with any
+    # optimizer that updates parameters in place
+    opt.zero_grad()
+    loss = lm_loss(model, ids)
+    lm_loss(model, ids).backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    # a second optimizer on the packed model leaves the buffers alone
+    rl.Riemannion(model, lr=0.05)
+    assert [(_storage(layer.a), _storage(layer.b)) for layer in layers] == ptrs
+
+
+def test_state_dict_of_packed_factors_is_standalone(tmp_path):
+    """``state_dict()`` returns each packed factor as a contiguous tensor of its own, so that
+    safetensors saves it and Accelerate's checkpoint (which drops all but one tensor of a
+    shared storage) keeps it; ``keep_vars=True`` still returns the Parameters; the model
+    loads back from either."""
+    import safetensors.torch
+    from accelerate.utils.other import clean_state_dict_for_safetensors
+
+    _, model = peft_llama()
+    ids = token_batch()
+    opt = rl.Riemannion(model, lr=0.05)
+    lm_loss(model, ids).backward()
+    opt.step()
+    layers = manifold_layers(model)
+    sd = model.state_dict()
+    named = dict(model.named_parameters())
+    factors = [k for k in sd if ".lora_A." in k or ".lora_B." in k]
+    assert len(factors) == 2 * len(layers)
+    for k in factors:
+        t = sd[k]
+        assert torch.equal(t, named[k]) and t.is_contiguous() and t.storage_offset() == 0
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        assert _storage(t) != _storage(named[k])
+    kept = model.state_dict(keep_vars=True)
+    assert all(kept[k] is named[k] for k in factors)
+    assert clean_state_dict_for_safetensors(dict(sd)).keys() == sd.keys()
+    safetensors.torch.save_file(sd, tmp_path / "model.safetensors")
+    out = logits(model, ids)
+    _, fresh = peft_llama()
+    rl.to_manifold(fresh)
+    fresh.load_state_dict(safetensors.torch.load_file(tmp_path / "model.safetensors"))
+    torch.testing.assert_close(logits(fresh, ids), out, rtol=0, atol=0)
+    rl.Riemannion(fresh, lr=0.05)  # packs fresh's factors; load_state_dict copies in place
+    fresh.load_state_dict(sd)
+    torch.testing.assert_close(logits(fresh, ids), out, rtol=0, atol=0)
+
+
+def test_write_through_data_between_steps_is_read():
+    """The point is read from the factors' own memory: a change written through ``p.data``
+    in place (which no version counter records) enters the next step (here V scaled, which
+    leaves the momentum's transport exact), as for factors moved to new storage."""
+    r = 2
+
+    def scale_v(k, model, layers):
+        if k == 2:
+            for layer in layers:
+                layer.a.data[r : 2 * r].mul_(0.5)
+
+    def move_and_scale_v(k, model, layers):
+        if k == 2:
+            for layer in layers:
+                layer.a.data = layer.a.data.clone()
+        scale_v(k, model, layers)
+
+    _, _, in_place = _llama_run(4, scale_v)
+    _, _, moved = _llama_run(4, move_and_scale_v)
+    _, _, plain = _llama_run(4)
+    for k in range(4):
+        for x, y, z in zip(in_place[k], moved[k], plain[k]):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+            assert k < 2 or not torch.allclose(x, z, rtol=1e-3, atol=1e-4)
 
 
 def test_momentum_buffers_are_updated_in_place():

@@ -469,6 +469,7 @@ def _retract_qr_(
     scratch: Tensor | None = None,
     overwrite: bool = False,
     bases: tuple[Tensor, Tensor] | None = None,
+    packed: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
     """:func:`retract_qr`; ``overwrite=True`` reuses the memory of its inputs for the outputs
     (U_new in U, Q_new in Q, V_new in V, which also holds a scratch column basis; U, V, Q,
@@ -480,7 +481,13 @@ def _retract_qr_(
     ``(..., 2r, m)`` and ``Rt = [Q | Qv]^T`` ``(..., 2r, n)`` (e.g. the new momentum's): the new
     point is then one product with each, and the fourth result is its coordinates in them,
     ``(cu, cq)`` ``(..., 2r, r)`` with ``U_new = [Qd | U] cu`` and ``Q_new = [Q | Qv] cq``
-    (None without bases or after a Householder fallback)."""
+    (None without bases or after a Householder fallback).
+
+    ``packed``: ``(pa, pb, Yt)``, the point's buffers ``pa = [Q^T; V^T]`` ``(..., 2r, n)`` and
+    ``pb = [0; U^T]`` ``(..., 2r, m)`` (U, Q, V are views of them; best contiguous) and a
+    contiguous scratch Yt of Q^T's shape, with ``overwrite``: the new point is then written by
+    one product per buffer, ``pa = [Ry^{-T}; T Ry^{-T}] Y^T`` (``V_new = Q_new T^T``) and
+    ``pb = [0; Ru^{-T}] U_raw^T``, instead of one per block."""
     r = U.shape[-1]
     Ur, Vr, S = retraction_core(V, Q, t, lr, weight_decay)
     # U_raw = [U | Qd] Ur, column-major (computed transposed: BLAS accumulates into a wide
@@ -497,6 +504,12 @@ def _retract_qr_(
         U_new, Ru = torch.linalg.qr(U_raw)
         if overwrite:
             U_new = U.copy_(U_new)
+    elif packed is not None:
+        Ri, Ru = chol  # pb = [0; Ru^{-T}] U_raw^T: U^T = (U_raw Ru^{-1})^T and the zero block
+        coef = torch.cat([torch.zeros_like(Ri), Ri], -1).mT
+        U_new = torch.matmul(coef, U_raw.mT, out=packed[1])[..., r:, :].mT
+        if Ur_b is not None:
+            cu = Ur_b @ Ri
     else:
         # (U_raw Ru^{-1})^T, computed transposed: column-major like every tall result
         U_new = _mm(chol[0].mT, U_raw.mT, out=U.mT if overwrite else None).mT
@@ -504,14 +517,11 @@ def _retract_qr_(
         if Ur_b is not None:
             cu = Ur_b @ chol[0]
     # Y = [Q | Qv] Vr, column-major (computed transposed), into V's memory when overwriting
+    y_out = packed[2] if packed is not None else V.mT if overwrite else None
     if bases is None:
-        Yt = _addmm_(
-            _mm(Vr[..., :r, :].mT, Q.mT, out=V.mT if overwrite else None),
-            Vr[..., r:, :].mT,
-            t.Qv.mT,
-        )
+        Yt = _addmm_(_mm(Vr[..., :r, :].mT, Q.mT, out=y_out), Vr[..., r:, :].mT, t.Qv.mT)
     else:
-        Yt = _mm(Vr.mT, bases[1], out=V.mT if overwrite else None)
+        Yt = _mm(Vr.mT, bases[1], out=y_out)
     chol = _cholesky_qr(Yt.mT)
     if chol is None:
         W = (Vr * S.unsqueeze(-2)) @ Ru.mT  # (2r, r): V_new = [Q | Qv] W
@@ -520,6 +530,13 @@ def _retract_qr_(
         if overwrite:  # V_new was computed from Q, so Q is overwritten last
             V_new, Q_new = V.copy_(V_new), Q.copy_(Q_new)
         return U_new, V_new, Q_new, None
+    if packed is not None:
+        # [Q_new^T; V_new^T] = [Ry^{-T}; T Ry^{-T}] Y^T, T = Ru S Ry^T as below
+        Rit = chol[0].mT
+        T = (Ru * S.unsqueeze(-2)) @ chol[1].mT
+        pa = torch.matmul(torch.cat([Rit, T @ Rit], -2), Yt, out=packed[0])
+        coords = None if cu is None or bases is None else (cu, Vr @ chol[0])
+        return U_new, pa[..., r:, :].mT, pa[..., :r, :].mT, coords
     Q_newt = _mm(chol[0].mT, Yt, out=Q.mT if overwrite else None)  # (Y Ry^{-1})^T
     # V_new = Y S Ru^T = Q_new (Ry S Ru^T), into V's memory (Y is no longer needed)
     V_newt = _mm((Ru * S.unsqueeze(-2)) @ chol[1].mT, Q_newt, out=V.mT if overwrite else None)

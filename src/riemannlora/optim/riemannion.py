@@ -18,14 +18,17 @@ the small QR/SVDs run in float32 or better and are batched over layers of equal 
 structured path of :func:`manifold_step` (:func:`riemannlora.geometry.tangent_qr`,
 :func:`~riemannlora.geometry.msign_tangent_qr`, :func:`~riemannlora.geometry.retract_qr`;
 same results as the literal formulas up to round-off). Per group of equal-shape layers a step
-gathers the gradient blocks (before the non-finite check) and the parameters into buffers kept
-across steps, every tall matrix transposed (``(L, r, rows)``, the layout in which MKL's thin
-products are fastest), works in those buffers in place (on CPU the page faults of fresh
-multi-MB buffers cost as much as the arithmetic; the gradient stacks take ``r (m + n)``
-numbers per layer, the rest is shared by the groups, which step one after the other), updates
-the stacked momentum buffers in place and writes the parameters back with one
-``_foreach_copy_`` per block. Without a process group the optimizer stores ``lora_B``
-column-major, so that these gathers and write-backs are plain copies (``_column_major_``).
+gathers the gradient blocks (before the non-finite check) into buffers kept across steps, every
+tall matrix transposed (``(L, r, rows)``, the layout in which MKL's thin products are
+fastest), works in buffers kept across steps (on CPU the page faults of fresh multi-MB buffers
+cost as much as the arithmetic; the gradient stacks take ``r (m + n)`` numbers per layer, the
+rest is shared by the groups, which step one after the other) and updates the stacked momentum
+buffers in place. Without a process group the optimizer packs the factors of each group into
+two buffers, ``lora_A`` ``(w, n)`` as ``pa[i]`` and ``lora_B`` ``(m, w)`` as ``pb[i]^T``
+(column-major; ``_pack_factors_``): the step reads the point there and writes the new one with
+one product per buffer. Factors that are not so packed (moved since, or created under a
+process group) are stacked into the workspace's own ``pa``, ``pb`` and copied back, with the
+same arithmetic; their ``state_dict`` entries are standalone contiguous copies either way.
 
 The momentum ``M`` (a tangent vector at the point of the step that made it) is kept in the
 bases of that step's direction, ``M = Lb core Rb^T`` with ``Lb = [Qd | U_old]`` ``(m, 2r)`` and
@@ -319,6 +322,7 @@ def _structured_step(
     orthogonalize: bool,
     store_orthogonalized: bool,
     scratch: Tensor | None = None,
+    packed: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
     """The structured step on stacked ``(L, ., .)`` buffers in the compute dtype, every tall
     matrix transposed ("wide", ``(L, r, rows)`` contiguous, i.e. column-major): MKL's products
@@ -326,7 +330,9 @@ def _structured_step(
     matrices, and LAPACK's QR works in it in place.
 
     Ut ``(L, r, m)`` = U^T, GQt ``(L, r, m)`` = (G Q)^T, Qt, Vt, GtUt ``(L, r, n)`` = Q^T, V^T,
-    (G^T U)^T, all owned by the step and overwritten; ``mom``: the previous momentum (None:
+    (G^T U)^T, all owned by the step and overwritten (Ut, Qt, Vt may be the blocks of
+    ``packed = (pa, pb, Yt)``, see :func:`~riemannlora.geometry._retract_qr_`, into which
+    the new point is then written whole); ``mom``: the previous momentum (None:
     zero; its ``cu``, ``cq`` are computed when None). The new momentum is written into
     ``out.Pt``, ``out.Rt`` and ``out.core`` (required when ``momentum``; they may be ``mom``'s
     own buffers: those are read before they are written, so the optimizer updates its momentum
@@ -334,7 +340,7 @@ def _structured_step(
     allocated). The outputs should be contiguous tensors, not slices of a larger batch (CPU
     ``bmm`` into a batch-strided output falls back to one ``addmm`` per layer). Returns
     ``(U_new, V_new, Q_new, coords)``: the new point, column-major, in the memory of Ut, Vt and
-    Qt, and its coordinates ``(cu, cq)`` in the new momentum's bases (None when not known:
+    Qt (views of ``packed``'s buffers when given), and its coordinates ``(cu, cq)`` in the new momentum's bases (None when not known:
     without momentum; with Nesterov, whose momentum factors ``[dU | U]``, ``[Q | dV]`` are not
     orthonormal; after a Householder fallback of the retraction).
 
@@ -419,6 +425,7 @@ def _structured_step(
         scratch=scratch,
         overwrite=True,
         bases=None if in_bases is None else (in_bases.Pt, in_bases.Rt),
+        packed=packed,
     )
 
 
@@ -441,69 +448,89 @@ def _store_bases(out: _Momentum, Lt1: Tensor, Ut: Tensor, Qt: Tensor, Rt2: Tenso
 class _Workspace:
     """The buffers a structured group of layers steps in, kept across steps: on CPU the page
     faults of fresh multi-MB buffers cost as much as the arithmetic, and slicing the parameters
-    anew costs microseconds per layer. Every buffer is a contiguous ``(L, r, rows)`` stack in
-    the compute dtype (a step writes its products into them; CPU ``bmm`` into a slice of a
-    larger batch falls back to one product per layer).
+    anew costs microseconds per layer. Every buffer is contiguous, in the compute dtype (a step
+    writes its products into them; CPU ``bmm`` into a slice of a larger batch goes through a
+    temporary).
 
-    ``u_views`` (``b[:, r:2r]^T``), ``q_views`` (``a[:r]``), ``v_views`` (``a[r:2r]``): the
-    blocks of the parameters a step reads and writes; ``*_items``: the buffers' per-layer views
-    for the write-back."""
+    The point lives in ``pa`` ``(L, 2r, n)`` (``[Q^T; V^T]`` per layer: the ``lora_A``
+    factors) and ``pb`` ``(L, 2r, m)`` (``[Z1^T; U^T]``: the transposed ``lora_B`` factors).
+    When the factors are packed (:func:`_pack_factors_`) these are the parameters' own
+    buffers (``packed``), which the step reads and writes in place; otherwise they are buffers
+    of the workspace (``own_pa``, ``own_pb``) into which the factors are stacked and from which
+    they are copied back, layer by layer. Either way the step's arithmetic is the same."""
 
     cdt: torch.dtype
-    u_views: list[Tensor]
-    q_views: list[Tensor]
-    v_views: list[Tensor]
-    Ut: Tensor
-    Qt: Tensor
-    Vt: Tensor
+    A: list[Tensor]
+    Bt: list[Tensor]
+    packed_pa: Tensor | None
+    packed_pb: Tensor | None
+    own_pa: Tensor
+    own_pb: Tensor
     GQt: Tensor
     GtUt: Tensor
     scratch: Tensor
-    Ut_items: list[Tensor]
-    Qt_items: list[Tensor]
-    Vt_items: list[Tensor]
+    y_scratch: Tensor
+
+    @property
+    def packed(self) -> bool:
+        """Whether the factors are the views of ``pa``, ``pb`` that the step writes."""
+        return self.packed_pa is not None and self.packed_pb is not None
 
     @staticmethod
     def arena_size(A: list[Tensor], B: list[Tensor], r: int) -> int:
-        """Numbers the buffers a step uses only while it runs (Ut, Qt, Vt, scratch) take."""
-        return len(A) * r * 2 * (B[0].shape[0] + A[0].shape[1])
+        """Numbers the buffers a step uses only while it runs take (``own_pa``, ``own_pb``,
+        scratches; the pages of the first two are touched only by groups that are not
+        packed)."""
+        return len(A) * r * 3 * (B[0].shape[0] + A[0].shape[1])
 
     @classmethod
     def build(
         cls, A: list[Tensor], B: list[Tensor], r: int, cdt: torch.dtype, arena: Tensor
     ) -> _Workspace:
         """The workspace of a group: its own gradient stacks (gathered for every group before
-        the non-finite check) and Ut, Qt, Vt, scratch carved out of ``arena`` (a flat buffer
-        of at least :meth:`arena_size` numbers, shared by the groups, which step one after
-        the other)."""
+        the non-finite check) and the point and scratch buffers carved out of ``arena`` (a flat
+        buffer of at least :meth:`arena_size` numbers, shared by the groups, which step one
+        after the other)."""
         L, m, n = len(A), B[0].shape[0], A[0].shape[1]
         offset = 0
 
-        def carve(rows: int) -> Tensor:
+        def carve(rows: int, width: int) -> Tensor:
             nonlocal offset
-            size = L * r * rows
+            size = L * width * rows
             offset += size
-            return arena[offset - size : offset].view(L, r, rows)
+            return arena[offset - size : offset].view(L, width, rows)
 
-        def stack(rows: int) -> Tensor:
-            return A[0].new_empty(L, r, rows, dtype=cdt)
-
-        Ut, Qt, Vt = carve(m), carve(n), carve(n)
+        w = A[0].shape[0]  # 2r, or 3r with an offset (whose block the step leaves alone)
+        pa = _packed(A, w, n, transposed=False) if A[0].dtype == cdt else None
+        pb = _packed(B, w, m, transposed=True) if B[0].dtype == cdt else None
         return cls(
             cdt=cdt,
-            u_views=[b[:, r : 2 * r].mT for b in B],
-            q_views=[a[:r] for a in A],
-            v_views=[a[r : 2 * r] for a in A],
-            Ut=Ut,
-            Qt=Qt,
-            Vt=Vt,
-            GQt=stack(m),
-            GtUt=stack(n),
-            scratch=carve(m),
-            Ut_items=list(Ut.unbind(0)),
-            Qt_items=list(Qt.unbind(0)),
-            Vt_items=list(Vt.unbind(0)),
+            A=[a[: 2 * r] for a in A],
+            Bt=[b[:, : 2 * r].mT for b in B],
+            packed_pa=None if pa is None else pa[:, : 2 * r],
+            packed_pb=None if pb is None else pb[:, : 2 * r],
+            own_pa=carve(n, 2 * r),
+            own_pb=carve(m, 2 * r),
+            GQt=A[0].new_empty(L, r, m, dtype=cdt),
+            GtUt=A[0].new_empty(L, r, n, dtype=cdt),
+            scratch=carve(m, r),
+            y_scratch=carve(n, r),
         )
+
+    def point(self, in_place: bool) -> tuple[Tensor, Tensor]:
+        """``(pa, pb)`` holding the current point: the parameters' own buffers when packed and
+        ``in_place``, else the workspace's, into which the factors are stacked."""
+        if in_place and self.packed:
+            assert self.packed_pa is not None and self.packed_pb is not None
+            return self.packed_pa, self.packed_pb
+        torch.stack(self.A, out=self.own_pa)
+        torch.stack(self.Bt, out=self.own_pb)
+        return self.own_pa, self.own_pb
+
+    def write_back(self) -> None:
+        """Copies the new point from the workspace's buffers into the factors, per layer."""
+        torch._foreach_copy_(self.A, list(self.own_pa.unbind(0)))
+        torch._foreach_copy_(self.Bt, list(self.own_pb.unbind(0)))
 
 
 @dataclass(eq=False)
@@ -623,6 +650,87 @@ def _column_major_(p: nn.Parameter) -> None:
         p.grad = p.grad.mT.contiguous().mT
 
 
+def _pack_factors_(layers: list[ManifoldLayer]) -> None:
+    """Moves the factors of every group of equal-shape layers into two buffers per group, in
+    place (same Parameters, same values): ``lora_A`` ``(w, n)`` becomes ``pa[i]`` of a
+    contiguous ``pa`` ``(L, w, n)`` and ``lora_B`` ``(m, w)`` becomes ``pb[i]^T`` of a
+    contiguous ``pb`` ``(L, w, m)`` (column-major, see :func:`_column_major_`; ``w = 2r``, or
+    ``3r`` with an offset). The step then reads the point ``Q^T = pa[:, :r]``,
+    ``V^T = pa[:, r:2r]``, ``U^T = pb[:, r:2r]`` in place and writes the new one with one
+    product per buffer, instead of stacking the factors into buffers of its own and copying
+    the result back layer by layer. Layers that cannot step structured, and sharded ones, are
+    only made column-major."""
+    keys = []
+    for layer in layers:
+        a, b = layer.a, layer.b
+        _column_major_(b)
+        ok = not (distributed.is_dtensor(a) or distributed.is_dtensor(b)) and a.dim() == 2
+        m, n, w = b.shape[0], a.shape[1], a.shape[0]
+        ok = ok and 2 * layer.rank <= min(m, n) and b.shape[1] == w
+        keys.append((m, n, w, a.dtype, a.device) if ok else None)
+    for key, idx in group_indices(keys).items():
+        if key is None:
+            continue
+        m, n, w, dtype, device = key
+        A, B = [layers[k].a for k in idx], [layers[k].b for k in idx]
+        if _packed(A, w, n, False) is not None and _packed(B, w, m, True) is not None:
+            continue  # packed so already (e.g. by an earlier optimizer)
+        pa = torch.empty(len(idx), w, n, dtype=dtype, device=device)
+        pb = torch.empty(len(idx), w, m, dtype=dtype, device=device)
+        for j, k in enumerate(idx):
+            a, b = layers[k].a, layers[k].b
+            pa[j].copy_(a.data)
+            pb[j].copy_(b.data.mT)
+            a.data = pa[j]
+            b.data = pb[j].mT
+    for layer in layers:
+        for name in ("lora_A", "lora_B"):
+            module = layer.module._modules[name]._modules[layer.adapter]  # type: ignore[union-attr]
+            if not getattr(module, "_riemannlora_standalone_state", False):
+                module.register_state_dict_post_hook(_standalone_state)
+                module._riemannlora_standalone_state = True  # type: ignore[assignment]
+
+
+def _standalone_state(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    """``state_dict`` post-hook of the factors' modules: a factor that is a view into a larger
+    buffer (:func:`_pack_factors_`) or not contiguous (``lora_B``) is returned as a contiguous
+    copy of its own, so that ``safetensors`` (which refuses shared or strided tensors) and
+    Accelerate's checkpoints (which drop all but one of the tensors that share a storage)
+    get every factor whole. ``keep_vars=True`` still returns the Parameters themselves."""
+    key = prefix + "weight"
+    t = state_dict.get(key)
+    if t is None or isinstance(t, nn.Parameter) or distributed.is_dtensor(t):
+        return
+    if (
+        not t.is_contiguous()
+        or t.storage_offset() != 0
+        or t.untyped_storage().nbytes() != t.numel() * t.element_size()
+    ):
+        state_dict[key] = t.clone(memory_format=torch.contiguous_format)
+
+
+def _packed(ts: list[Tensor], rows: int, cols: int, transposed: bool) -> Tensor | None:
+    """The ``(L, rows, cols)`` buffer of :func:`_pack_factors_` whose per-layer blocks are
+    ``ts`` (transposed ones for ``lora_B``), in this order; None if they are not laid out so."""
+    t0 = ts[0]
+    storage = t0.untyped_storage()
+    base = t0.storage_offset()
+    size = rows * cols
+    stride = (1, cols) if transposed else (cols, 1)
+    for i, t in enumerate(ts):
+        if (
+            t.untyped_storage().data_ptr() != storage.data_ptr()
+            or t.storage_offset() != base + i * size
+            or t.stride() != stride
+        ):
+            return None
+    if (base + len(ts) * size) * t0.element_size() > storage.nbytes():
+        return None
+    return t0.new_empty(0).set_(storage, base, (len(ts), rows, cols), (size, cols, 1))
+
+
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
@@ -682,9 +790,8 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             # no process group, so no DDP/FSDP wrapper yet (DDP built before a change of a
             # parameter's layout reduces its gradients wrongly; FSDP2 takes only contiguous
-            # parameters): lora_B column-major, see _column_major_
-            for layer in layers:
-                _column_major_(layer.b)
+            # parameters): the factors packed, lora_B column-major, see _pack_factors_
+            _pack_factors_(layers)
         in_layers = {id(p) for layer in layers for p in (layer.a, layer.b)}
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in in_layers]
         defaults = {
@@ -1081,11 +1188,14 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         assert ws is not None
         m, n, r = key[0], key[1], key[2]
         L = len(A)
-        # every tall block transposed ("wide", see _structured_step); U^T is a plain copy while
-        # lora_B is column-major (_column_major_)
-        torch.stack(ws.u_views, out=ws.Ut)
-        torch.stack(ws.q_views, out=ws.Qt)
-        torch.stack(ws.v_views, out=ws.Vt)
+        # every tall block transposed ("wide", see _structured_step): U^T = pb[:, r:],
+        # Q^T = pa[:, :r], V^T = pa[:, r:], the parameters' own memory when they are packed;
+        # lr = 0 (e.g. the first warmup step) keeps the point exactly: the step then works on
+        # copies and nothing is written back (the momentum still moves)
+        moves = kw["lr"] != 0
+        in_place = moves and ws.packed
+        pa, pb = ws.point(in_place)
+        Ut, Qt, Vt = pb[:, r:], pa[:, :r], pa[:, r:]
         mom, fresh = item.mom, item.fresh
         if mom is not None and mom.Pt.dtype != cdt:
             mom = _Momentum(
@@ -1104,28 +1214,35 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
                 and self._versions.get(key) == _versions(A, B)
             )
             if not fast:
-                mom = self._check_transport(mom, ws.Ut, ws.Qt)
+                mom = self._check_transport(mom, Ut, Qt)
             out = _Momentum(mom.Pt, mom.Rt, mom.core)
             if out.core is None:
-                out.core = ws.Ut.new_empty(L, 2 * r, 2 * r)
+                out.core = ws.GQt.new_empty(L, 2 * r, 2 * r)
         elif kw["momentum"]:
-            out = _Momentum.empty(ws.Ut, L, r, m, n)
+            out = _Momentum.empty(ws.GQt, L, r, m, n)
         else:
             out = None
-        # the new point lands in Ut, Qt and Vt (on every path)
+        # the new point lands in pa and pb (on every path)
         _, _, _, coords = _structured_step(
-            ws.Ut, ws.Qt, ws.Vt, ws.GQt, ws.GtUt, mom, out, scratch=ws.scratch, **kw
+            Ut,
+            Qt,
+            Vt,
+            ws.GQt,
+            ws.GtUt,
+            mom,
+            out,
+            scratch=ws.scratch,
+            packed=(pa, pb, ws.y_scratch),
+            **kw,
         )
-        # straight into the parameters, per layer (cheaper than assembling whole new tensors);
-        # lr = 0 (e.g. the first warmup step) keeps the point exactly, the momentum still moves
-        if kw["lr"] != 0:
-            torch._foreach_copy_(ws.u_views, ws.Ut_items)
-            torch._foreach_copy_(ws.q_views, ws.Qt_items)
-            torch._foreach_copy_(ws.v_views, ws.Vt_items)
+        if in_place:  # written through the buffers: tell autograd the factors changed
+            torch.autograd.graph.increment_version(chain(A, B))
+        elif moves:
+            ws.write_back()
         elif _kept_in_bases(kw["momentum"], kw["nesterov"], kw["store_orthogonalized"]):
             # the momentum's bases [Qd | U], [Q | Qv] hold the old point: U = [Qd | U] [0; I],
             # Q = [Q | Qv] [I; 0]
-            eye = torch.eye(r, dtype=cdt, device=ws.Ut.device).expand(L, r, r)
+            eye = torch.eye(r, dtype=cdt, device=pa.device).expand(L, r, r)
             zero = torch.zeros_like(eye)
             coords = (torch.cat([zero, eye], -2), torch.cat([eye, zero], -2))
         self._versions[key] = _versions(A, B)
@@ -1382,10 +1499,14 @@ class Riemannion(_ManifoldOptimizer):
     ``fully_shard``.
 
     Layout and changes between steps: created without a ``torch.distributed`` process group,
-    the optimizer stores each ``lora_B`` column-major (the same Parameter and values; its
-    gradient follows), which makes the step's gathers plain copies; ``safetensors``'
-    ``save_file`` then wants ``.contiguous()`` tensors (``export_adapter``, ``save_pretrained``,
-    ``safetensors.torch.save_model``, Accelerate and ``torch.save`` handle this themselves).
+    the optimizer packs the factors of the layers of each shape into two buffers (the same
+    Parameters and values; each ``lora_A`` becomes a contiguous view of one, each ``lora_B`` a
+    column-major view of the other, and its gradient follows), so that the step reads and
+    writes the point in place with one product per buffer instead of gathering and copying
+    back every layer. ``model.state_dict()`` returns the factors as standalone contiguous
+    copies (so ``safetensors.torch.save_file``, Accelerate's checkpoints, ``save_pretrained``
+    and ``torch.save`` store every factor whole); ``named_parameters()`` yields the views,
+    which share storage: clone them before handing them to ``safetensors`` directly.
     Factors may be changed between steps through the parameters (in-place ops,
     ``load_state_dict``, ``p.data = ...``): the step reads them anew and recomputes the
     momentum's transport. A change written through ``p.data`` in place (``p.data.copy_(...)``),
