@@ -667,11 +667,12 @@ def _pack_factors_(layers: list[ManifoldLayer]) -> None:
         ok = not (distributed.is_dtensor(a) or distributed.is_dtensor(b)) and a.dim() == 2
         m, n, w = b.shape[0], a.shape[1], a.shape[0]
         ok = ok and 2 * layer.rank <= min(m, n) and b.shape[1] == w
-        keys.append((m, n, w, a.dtype, a.device) if ok else None)
+        # the step's grouping (_group_layers), so that each of its groups is one buffer
+        keys.append((m, n, layer.rank, layer.offset, w, a.dtype, a.device) if ok else None)
     for key, idx in group_indices(keys).items():
         if key is None:
             continue
-        m, n, w, dtype, device = key
+        m, n, _, _, w, dtype, device = key
         A, B = [layers[k].a for k in idx], [layers[k].b for k in idx]
         if _packed(A, w, n, False) is not None and _packed(B, w, m, True) is not None:
             continue  # packed so already (e.g. by an earlier optimizer)
