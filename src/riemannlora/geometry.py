@@ -499,23 +499,21 @@ def _retract_qr_(
         Ur_b = torch.cat([Ur[..., r:, :], Ur[..., :r, :]], -2)  # in the order of Lt
         U_raw = _mm(Ur_b.mT, bases[0], out=scratch).mT
     chol = _cholesky_qr(U_raw)
-    cu = None
+    cu = None  # U_new = [Qd | U] cu, when the bases are given and Cholesky-QR ran
     if chol is None:
         U_new, Ru = torch.linalg.qr(U_raw)
         if overwrite:
             U_new = U.copy_(U_new)
-    elif packed is not None:
-        Ri, Ru = chol  # pb = [0; Ru^{-T}] U_raw^T: U^T = (U_raw Ru^{-1})^T and the zero block
-        coef = torch.cat([torch.zeros_like(Ri), Ri], -1).mT
-        U_new = torch.matmul(coef, U_raw.mT, out=packed[1])[..., r:, :].mT
+    else:
+        Ri, Ru = chol
+        if packed is not None:  # pb = [0; Ru^{-T}] U_raw^T: U^T and the zero block
+            coef = torch.cat([torch.zeros_like(Ri), Ri], -1).mT
+            U_new = torch.matmul(coef, U_raw.mT, out=packed[1])[..., r:, :].mT
+        else:
+            # (U_raw Ru^{-1})^T, computed transposed: column-major like every tall result
+            U_new = _mm(Ri.mT, U_raw.mT, out=U.mT if overwrite else None).mT
         if Ur_b is not None:
             cu = Ur_b @ Ri
-    else:
-        # (U_raw Ru^{-1})^T, computed transposed: column-major like every tall result
-        U_new = _mm(chol[0].mT, U_raw.mT, out=U.mT if overwrite else None).mT
-        Ru = chol[1]
-        if Ur_b is not None:
-            cu = Ur_b @ chol[0]
     # Y = [Q | Qv] Vr, column-major (computed transposed), into V's memory when overwriting
     y_out = packed[2] if packed is not None else V.mT if overwrite else None
     if bases is None:
@@ -530,17 +528,16 @@ def _retract_qr_(
         if overwrite:  # V_new was computed from Q, so Q is overwritten last
             V_new, Q_new = V.copy_(V_new), Q.copy_(Q_new)
         return U_new, V_new, Q_new, None
-    if packed is not None:
-        # [Q_new^T; V_new^T] = [Ry^{-T}; T Ry^{-T}] Y^T, T = Ru S Ry^T as below
-        Rit = chol[0].mT
-        T = (Ru * S.unsqueeze(-2)) @ chol[1].mT
-        pa = torch.matmul(torch.cat([Rit, T @ Rit], -2), Yt, out=packed[0])
-        coords = None if cu is None or bases is None else (cu, Vr @ chol[0])
+    Riy, Ry = chol
+    # Q_new = Y Ry^{-1} and V_new = Y S Ru^T = Q_new T^T with T = Ru S Ry^T
+    T = (Ru * S.unsqueeze(-2)) @ Ry.mT
+    coords = None if cu is None else (cu, Vr @ Riy)
+    if packed is not None:  # [Q_new^T; V_new^T] = [Ry^{-T}; T Ry^{-T}] Y^T, one product
+        pa = torch.matmul(torch.cat([Riy.mT, T @ Riy.mT], -2), Yt, out=packed[0])
         return U_new, pa[..., r:, :].mT, pa[..., :r, :].mT, coords
-    Q_newt = _mm(chol[0].mT, Yt, out=Q.mT if overwrite else None)  # (Y Ry^{-1})^T
-    # V_new = Y S Ru^T = Q_new (Ry S Ru^T), into V's memory (Y is no longer needed)
-    V_newt = _mm((Ru * S.unsqueeze(-2)) @ chol[1].mT, Q_newt, out=V.mT if overwrite else None)
-    coords = None if cu is None or bases is None else (cu, Vr @ chol[0])
+    Q_newt = _mm(Riy.mT, Yt, out=Q.mT if overwrite else None)
+    # V_new into V's memory (Y is no longer needed)
+    V_newt = _mm(T, Q_newt, out=V.mT if overwrite else None)
     return U_new, V_newt.mT, Q_newt.mT, coords
 
 

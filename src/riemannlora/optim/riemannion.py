@@ -184,7 +184,7 @@ def manifold_step(
         "orthogonalize": orthogonalize,
         "store_orthogonalized": store_orthogonalized,
     }
-    if not structured or 2 * r > min(m, n):
+    if not structured or not _structured_shape(m, n, r):
         return _literal_step(U, V, Q, GQ, GtU, Pm, Rm, **kw)
     batch = U.shape[:-2]
 
@@ -337,8 +337,8 @@ def _structured_step(
     ``out.Pt``, ``out.Rt`` and ``out.core`` (required when ``momentum``; they may be ``mom``'s
     own buffers: those are read before they are written, so the optimizer updates its momentum
     in place). ``scratch``: a contiguous buffer of Ut's shape and dtype (None: one is
-    allocated). The outputs should be contiguous tensors, not slices of a larger batch (CPU
-    ``bmm`` into a batch-strided output falls back to one ``addmm`` per layer). Returns
+    allocated). Products written into a slice of a larger batch go through a temporary on CPU,
+    so the outputs are best contiguous (with ``packed``, whole ``pa``, ``pb`` are). Returns
     ``(U_new, V_new, Q_new, coords)``: the new point, column-major, in the memory of Ut, Vt and
     Qt (views of ``packed``'s buffers when given), and its coordinates ``(cu, cq)`` in the new momentum's bases (None when not known:
     without momentum; with Nesterov, whose momentum factors ``[dU | U]``, ``[Q | dV]`` are not
@@ -427,6 +427,12 @@ def _structured_step(
         bases=None if in_bases is None else (in_bases.Pt, in_bases.Rt),
         packed=packed,
     )
+
+
+def _structured_shape(m: int, n: int, r: int) -> bool:
+    """Whether layers of this shape step by :func:`_structured_step` (``2r <= min(m, n)``, so
+    the bases ``[Qd | U]``, ``[Q | Qv]`` fit), when they are not sharded."""
+    return 2 * r <= min(m, n)
 
 
 def _kept_in_bases(momentum: float, nesterov: bool, store_orthogonalized: bool) -> bool:
@@ -553,7 +559,7 @@ class _GroupPlan:
     def structured(self) -> bool:
         """Stepped by :func:`_structured_step` (not sharded, ``2r <= min(m, n)``)."""
         m, n, r, pg = self.key[0], self.key[1], self.key[2], self.key[-1]
-        return pg is None and 2 * r <= min(m, n)
+        return pg is None and _structured_shape(m, n, r)
 
 
 @dataclass(eq=False)
@@ -666,7 +672,7 @@ def _pack_factors_(layers: list[ManifoldLayer]) -> None:
         _column_major_(b)
         ok = not (distributed.is_dtensor(a) or distributed.is_dtensor(b)) and a.dim() == 2
         m, n, w = b.shape[0], a.shape[1], a.shape[0]
-        ok = ok and 2 * layer.rank <= min(m, n) and b.shape[1] == w
+        ok = ok and _structured_shape(m, n, layer.rank) and b.shape[1] == w
         # the step's grouping (_group_layers), so that each of its groups is one buffer
         keys.append((m, n, layer.rank, layer.offset, w, a.dtype, a.device) if ok else None)
     for key, idx in group_indices(keys).items():
