@@ -628,6 +628,29 @@ def test_step_follows_factors_moved_to_new_storage():
             assert torch.equal(x, y)
 
 
+def test_step_reads_gradients_in_any_layout():
+    """The step reads the gradient blocks whatever the gradients' layout (the usual
+    column-major ``lora_B`` gradient by one strided view per layer; a row-major one, or a
+    view into a larger buffer, by slicing), with the same result bit for bit."""
+
+    def relayout(k, model, layers):
+        for j, layer in enumerate(layers):
+            g = layer.b.grad
+            # step 0: every gradient column-major at an offset; 1: row-major; 2: mixed
+            if (k == 1) or (k == 2 and j % 2):  # row-major
+                layer.b.grad = g.contiguous()
+            else:  # column-major, at an offset inside a larger buffer
+                buf = g.new_zeros(g.numel() + 7)
+                layer.b.grad = buf[7:].view(g.shape[1], g.shape[0]).mT.copy_(g)
+            assert layer.b.grad.stride() != g.stride() or layer.b.grad.storage_offset()
+
+    _, _, plain = _llama_run(3)
+    _, _, moved = _llama_run(3, relayout)
+    for step_plain, step_moved in zip(plain, moved):
+        for x, y in zip(step_plain, step_moved):
+            assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("skip", [0, 1])
 def test_layer_without_gradient_is_left_alone_for_that_step(skip):
     """A layer whose gradients are None in one step keeps its point (and its group's other

@@ -586,6 +586,19 @@ _WEIGHT = operator.itemgetter("weight")
 _DATA_PTR = operator.methodcaller("data_ptr")
 
 
+_STRIDE = operator.methodcaller("stride")
+
+
+def _left_blocks_t(grads: list[Tensor], r: int) -> list[Tensor]:
+    """``(G Q)^T = grad[:, :r].mT`` of every ``lora_B`` gradient ``(m, w)``: one ``as_strided``
+    view each when all are column-major like their factors (the usual case; half the cost of
+    slicing and transposing, which adds up over hundreds of layers every step)."""
+    m = grads[0].shape[0]
+    if all(map(operator.eq, map(_STRIDE, grads), repeat((1, m)))):
+        return list(map(operator.methodcaller("as_strided", (r, m), (m, 1)), grads))
+    return [g[:, :r].mT for g in grads]
+
+
 def _state_get(key: str) -> Callable[[dict[str, Any]], Any]:
     """``state.get(key)`` as a C-level callable."""
     return operator.methodcaller("get", key)
@@ -1173,7 +1186,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             # Z1 = 0 always: nothing but to_manifold writes it, so it is reset here, once per
             # new workspace, instead of every step
             torch._foreach_zero_([b[:, :r] for b in B])
-        torch.stack([b.grad[:, :r].mT for b in B], out=ws.GQt)
+        torch.stack(_left_blocks_t(list(map(_GRAD, B)), r), out=ws.GQt)
         torch.stack([a.grad[r : 2 * r] for a in A], out=ws.GtUt)
         item.ws = ws
 
