@@ -584,8 +584,6 @@ _MODULES = operator.attrgetter("_modules")
 _PARAMS = operator.attrgetter("_parameters")
 _WEIGHT = operator.itemgetter("weight")
 _DATA_PTR = operator.methodcaller("data_ptr")
-
-
 _STRIDE = operator.methodcaller("stride")
 
 
