@@ -1,9 +1,10 @@
 """Evidence for the defaults of ``reg`` and ``scale_aware`` (ScaledAdamW and ScaledSGD).
 
 Real model, real data: all-MiniLM-L6-v2 with PEFT LoRA (r=8, alpha=16 -> s=2) on
-query/key/value/dense, BIG-bench MultiEmo (4-class sentences, fixed split of
-``riemannlora.tasks``). Every configuration sees the same batches from the same init; the
-held-out loss on 256 eval sentences after ``--steps`` steps is reported (mean over seeds).
+query/key/value/dense, CLINC150 intent classification (150 intents; task ``clinc150`` of
+``riemannlora.bench.tasks``). Every configuration sees the same batches from the same init; the
+held-out loss on the first 256 validation queries after ``--steps`` steps is reported (mean
+over seeds).
 
     python benchmarks/choose_defaults.py --steps 60 --seeds 0 1
 """
@@ -36,18 +37,19 @@ def main() -> None:
 
     import riemannlora as rl
     from riemannlora.assets import load_sequence_classifier
-    from riemannlora.tasks import Collator, load_task
+    from riemannlora.bench.tasks import Collator, load_task, task_data
 
     name = "sentence-transformers/all-MiniLM-L6-v2"
-    _, tok = load_sequence_classifier(name, num_labels=4)
+    num_labels = len(task_data("clinc150").labels)
+    _, tok = load_sequence_classifier(name, num_labels=num_labels)
     collate = Collator.for_tokenizer(tok)
-    train = load_task("multiemo", tok, "train", n=args.batch * args.steps, max_length=64)
+    train = load_task("clinc150", tok, "train", n=args.batch * args.steps, max_length=64)
     batches = [collate(train[i : i + args.batch]) for i in range(0, len(train), args.batch)]
-    held_out = collate(load_task("multiemo", tok, "eval", n=256, max_length=64))
+    held_out = collate(load_task("clinc150", tok, "validation", n=256, max_length=64))
 
     def run(opt_name: str, lr: float, reg: float, aware: bool, seed: int) -> float:
         torch.manual_seed(seed)
-        model, _ = load_sequence_classifier(name, num_labels=4)
+        model, _ = load_sequence_classifier(name, num_labels=num_labels)
         cfg = LoraConfig(
             task_type=TaskType.SEQ_CLS,
             r=8,

@@ -1,9 +1,10 @@
 """Riemannion, Riemannion + LOI and Riemannian SGD on a real LLM and a real task.
 
-SmolLM2-135M-Instruct (real weights), PEFT LoRA r=8 (alpha 16) on every linear layer, E2E NLG
-from BIG-bench (fixed split of ``riemannlora.tasks``; loss on target tokens only). Every
-method sees the same batches in the same order from the same seed. The held-out loss on the
-first ``--eval-n`` eval examples is printed every ``--eval-every`` steps.
+SmolLM2-135M-Instruct (real weights), PEFT LoRA r=8 (alpha 16) on every linear layer, the E2E
+NLG Challenge (task ``e2e`` of ``riemannlora.bench.tasks``: trained on the challenge's dev set;
+loss on the completion tokens only). Every method sees the same batches in the same order from
+the same seed. The held-out loss on the first ``--eval-n`` validation examples (dev meaning
+representations held out of training) is printed every ``--eval-every`` steps.
 
     python benchmarks/riemannion_e2e.py --steps 100
 """
@@ -40,14 +41,14 @@ def main() -> None:
 
     import riemannlora as rl
     from riemannlora.assets import load_causal_lm
-    from riemannlora.tasks import Collator, load_task
+    from riemannlora.bench.tasks import Collator, load_task
 
     _, tok = load_causal_lm("HuggingFaceTB/SmolLM2-135M-Instruct")
     collate = Collator.for_tokenizer(tok)
     train = load_task("e2e", tok, "train", n=args.steps * args.batch_size, max_length=96)
     bs = args.batch_size
     batches = [collate(train[i : i + bs]) for i in range(0, len(train), bs)]
-    held_out = load_task("e2e", tok, "eval", n=args.eval_n, max_length=96)
+    held_out = load_task("e2e", tok, "validation", n=args.eval_n, max_length=96)
     eval_batches = [collate(held_out[i : i + 16]) for i in range(0, len(held_out), 16)]
 
     def eval_loss(model) -> float:

@@ -1,7 +1,9 @@
 """Riemannion's cost next to AdamW-LoRA and per-factor torch.optim.Muon, measured side by side.
 
-SmolLM2-135M-Instruct (real weights), LoRA r=8 on every linear layer (210 layers), real E2E NLG
-batches (``riemannlora.tasks``). Four measurements, all interleaved in one process except memory:
+SmolLM2-135M-Instruct (real weights), LoRA r=8 on every linear layer (210 layers), real
+batches of the E2E NLG Challenge's training examples (task ``e2e`` of
+``riemannlora.bench.tasks``, at most 96 tokens). Four measurements, all interleaved in one
+process except memory:
 
 1. ``optimizer.step()`` alone: torch AdamW (foreach) on the LoRA factors, torch.optim.Muon on
    the LoRA factors (per-factor, ``adjust_lr_fn="match_rms_adamw"``), Riemannion.
@@ -48,7 +50,7 @@ def build(rank: int, device: str, seed: int = 0):
 
 
 def batches(tok, n: int, batch_size: int, device: str):
-    from riemannlora.tasks import Collator, load_task
+    from riemannlora.bench.tasks import Collator, load_task
 
     data = load_task("e2e", tok, "train", n=n * batch_size, max_length=96)
     collate = Collator.for_tokenizer(tok)

@@ -1,10 +1,11 @@
 """Time ``optimizer.step()`` of LoRA optimizers side by side, interleaved in one process.
 
 SmolLM2-135M-Instruct (real weights) with LoRA r=8 on every linear layer (210 pairs), real
-gradients from one forward/backward on a real E2E batch. Each round times every optimizer for
-``--steps`` consecutive steps (gradients restored before each step, outside the timer, because
-PEFT's wrapper overwrites ``.grad``); the medians over rounds are compared. Also reports the bytes
-of optimizer state.
+gradients from one forward/backward on a real batch: the first 8 training examples of the E2E
+NLG Challenge (task ``e2e`` of ``riemannlora.bench.tasks``; loss on the completions). Each round
+times every optimizer for ``--steps`` consecutive steps (gradients restored before each step,
+outside the timer, because PEFT's wrapper overwrites ``.grad``); the medians over rounds are
+compared. Also reports the bytes of optimizer state.
 
     python benchmarks/step_overhead.py                 # CPU, float32
     python benchmarks/step_overhead.py --device cuda --rounds 50
@@ -42,13 +43,12 @@ def build_model(model_id: str, rank: int, device: str, dtype: torch.dtype):
     model = get_peft_model(
         model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
     ).to(device)
-    # a real batch: E2E meaning representations
-    from riemannlora.assets import bigbench_task
+    # a real batch: E2E restaurant descriptions after their meaning representations
+    from riemannlora.bench.tasks import Collator, load_task
 
-    texts = [ex["input"] for ex in bigbench_task("gem/e2e_nlg")["examples"][:8]]
-    batch = tok(texts, return_tensors="pt", padding=True).to(device)
-    out = model(**batch, labels=batch["input_ids"])
-    out.loss.backward()
+    rows = load_task("e2e", tok, "train", n=8, max_length=96)
+    batch = {k: v.to(device) for k, v in Collator.for_tokenizer(tok)(rows).items()}
+    model(**batch).loss.backward()
     # move B away from its zero init so every Gram is a generic SPD matrix
     with torch.no_grad():
         for n, p in model.named_parameters():

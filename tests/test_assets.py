@@ -1,12 +1,9 @@
-"""Tests of riemannlora.assets: model resolution, model loading, BIG-bench extraction."""
+"""Tests of riemannlora.assets: model resolution and model loading."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import pathlib
-import tarfile
 import time
 
 import pytest
@@ -17,7 +14,6 @@ from riemannlora.assets import (
     MINILM_ID,
     SMOLLM2_ID,
     AssetNotFoundError,
-    bigbench_task,
     cache_dir,
     canonical_model_id,
     load_causal_lm,
@@ -36,7 +32,7 @@ def _one_thread():
 
 
 # --------------------------------------------------------------------------------------------
-# fast tests (no real model, no real archive)
+# fast tests (no real model)
 # --------------------------------------------------------------------------------------------
 
 
@@ -118,54 +114,8 @@ def test_missing_package_error_says_what_to_install(monkeypatch):
         resolve_model("sentence-transformers/all-MiniLM-L6-v2")
 
 
-def _fake_bigbench(path: pathlib.Path, tasks: dict[str, dict]) -> None:
-    with tarfile.open(path, "w:gz") as tar:
-        for name, content in tasks.items():
-            data = json.dumps(content).encode()
-            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{name}/task.json")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        readme = tarfile.TarInfo("bigbench-1.0.0/README.md")
-        readme.size = 2
-        tar.addfile(readme, io.BytesIO(b"hi"))
-
-
-def test_bigbench_extracts_once_from_archive(tmp_path, monkeypatch):
-    archive = tmp_path / "bb.tar.gz"
-    tasks = {
-        "gem/e2e_nlg": {"examples": [{"input": "a", "target": "b"}]},
-        "elementary_math_qa": {"name": "parent"},
-        "elementary_math_qa/question_only": {"examples": [{"input": "q", "target_scores": {}}]},
-        "some_other_task": {"examples": []},
-    }
-    _fake_bigbench(archive, tasks)
-    monkeypatch.setenv("RIEMANNLORA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("RIEMANNLORA_BIGBENCH_ARCHIVE", str(archive))
-
-    assert bigbench_task("gem/e2e_nlg") == tasks["gem/e2e_nlg"]
-    out = tmp_path / "cache" / "bigbench"
-    # one scan extracted the requested task and the prefetch set (with subtasks), not others
-    assert (out / "gem/e2e_nlg/task.json").is_file()
-    assert (out / "elementary_math_qa/question_only/task.json").is_file()
-    assert not (out / "some_other_task").exists()
-    assert not list(out.rglob("*.tmp"))
-    assert assets.bigbench_tasks() == sorted(tasks)
-
-    archive.unlink()  # later calls never touch the archive
-    assert (
-        bigbench_task("benchmark_tasks/elementary_math_qa/question_only/task.json")
-        == (tasks["elementary_math_qa/question_only"])
-    )
-    with pytest.raises(KeyError, match="did you mean"):
-        bigbench_task("e2e_nlg")
-    with pytest.raises(AssetNotFoundError, match="RIEMANNLORA_BIGBENCH_ARCHIVE"):
-        bigbench_task("some_other_task")  # known, not yet extracted, archive gone
-    with pytest.raises(ValueError):
-        bigbench_task("../etc")
-
-
 # --------------------------------------------------------------------------------------------
-# slow tests: real models and the real BIG-bench archive
+# slow tests: real models
 # --------------------------------------------------------------------------------------------
 
 
@@ -218,28 +168,3 @@ def test_load_sequence_classifier_minilm():
         logits = model(**batch).logits
     assert logits.shape == (2, 4)
     assert torch.isfinite(logits).all()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("task", "count"),
-    [
-        ("gem/e2e_nlg", 1000),
-        ("multiemo/all_sentence_en", 57466),
-        ("elementary_math_qa/question_only", 7688),
-    ],
-)
-def test_bigbench_real_task_sizes(task, count):
-    data = bigbench_task(task)
-    assert len(data["examples"]) == count
-    assert "canary" in data
-    t0 = time.perf_counter()
-    bigbench_task(task)  # cached now: read straight from cache_dir()/bigbench
-    assert time.perf_counter() - t0 < 2.0
-
-
-@pytest.mark.slow
-def test_bigbench_real_unknown_task():
-    bigbench_task("gem/e2e_nlg")  # make sure the index exists
-    with pytest.raises(KeyError, match="gem/e2e_nlg"):
-        bigbench_task("e2e_nlg")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from riemannlora import cli
+from riemannlora.assets import canonical_model_id
 from riemannlora.bench.methods import (
     MAIN_METHODS,
     METHODS,
@@ -25,6 +26,8 @@ from riemannlora.bench.methods import (
 from riemannlora.bench.report import PLOTS, format_table, write_report
 from riemannlora.bench.runner import RunConfig, run_sweep
 from riemannlora.bench.summary import lr_band_decades, steps_to_reach, summarize
+from riemannlora.bench.tasks import COMMONSENSE_TEST_SETS
+from riemannlora.bench.workloads import WORKLOADS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -130,7 +133,7 @@ def test_get_method_errors():
 
 def _record(method: str, lr: float, seed: int, final: float | None, acc: float = 0.5) -> dict:
     cfg = RunConfig(
-        task="multiemo", model="m", method=method, lr=lr, seed=seed, steps=100, rank=8,
+        task="clinc150", model="m", method=method, lr=lr, seed=seed, steps=100, rank=8,
         batch_size=4, eval_every=50, eval_size=8, final_eval_size=8, max_length=16,
         max_new_tokens=0,
     )  # fmt: skip
@@ -349,7 +352,7 @@ def test_run_config_validation_and_key():
     cfg = RunConfig(**_record("adamw", 1e-3, 0, 1.0)["config"])
     assert cfg.key() == RunConfig(**dataclasses.asdict(cfg)).key()
     assert cfg.key() != dataclasses.replace(cfg, steps=101).key()
-    assert cfg.key().startswith("multiemo_adamw_lr0.001_s0_")
+    assert cfg.key().startswith("clinc150_adamw_lr0.001_s0_")
     with pytest.raises(ValueError, match="lr must be"):
         dataclasses.replace(cfg, lr=0.0)
     with pytest.raises(ValueError, match="unknown method"):
@@ -375,6 +378,8 @@ def test_run_config_validation_and_key():
         (["--seeds", "0,x"], "--seeds"),
         (["--quick", "--preset", "full"], "conflicts"),
         (["--methods", "adamw,adamw"], "twice"),
+        (["--scoring", "generate"], "--scoring is for --task commonsense"),
+        (["--task", "commonsense", "--scoring", "nope"], "invalid choice"),
     ],
 )
 def test_cli_rejects_bad_flags(argv, message, capsys, tmp_path):
@@ -395,7 +400,9 @@ def test_cli_presets_plan_the_runs():
     default = _plan()
     assert list(default.lrs) == [m for m in MAIN_METHODS if m in available_methods()]
     assert all(len(v) == 1 for v in default.lrs.values()) and default.seeds == [0]
-    assert default.base.task == "multiemo" and default.base.steps == 200
+    assert cli.DEFAULT_TASK == "clinc150"
+    assert default.base.task == "clinc150" and default.base.steps == 300
+    assert default.base.data == "" and default.base.data_hash == ""
     assert default.base.model == "sentence-transformers/all-MiniLM-L6-v2"
 
     full = _plan("--preset", "full")
@@ -443,13 +450,13 @@ def _finite_numbers(obj: object) -> None:
 
 
 @pytest.mark.slow
-def test_bench_multiemo_end_to_end_and_cache(tmp_path, capsys):
-    torch.set_num_threads(2)
+def test_bench_clinc150_end_to_end_and_cache(tmp_path, capsys):
+    torch.set_num_threads(1)
     second = "riemannion" if "riemannion" in available_methods() else "scaled-adamw"
     argv = [
-        "bench", "--task", "multiemo", "--model", "minilm", "--methods", f"adamw,{second}",
+        "bench", "--task", "clinc150", "--model", "minilm", "--methods", f"adamw,{second}",
         "--steps", "3", "--eval-every", "2", "--eval-size", "16", "--final-eval-size", "32",
-        "--batch-size", "8", "--out", str(tmp_path), "--no-progress", "--threads", "2",
+        "--batch-size", "8", "--out", str(tmp_path), "--no-progress", "--threads", "1",
     ]  # fmt: skip
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
@@ -459,6 +466,7 @@ def test_bench_multiemo_end_to_end_and_cache(tmp_path, capsys):
     for key in ("task", "model", "preset", "settings", "summary", "runs", "failures", "cache"):
         assert key in results
     assert results["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert results["task"] == "clinc150" and results["metrics"] == ["accuracy", "test_loss"]
     assert results["cache"] == {"hits": 0, "trained": 2}
     assert results["failures"] == []
     assert set(results["summary"]) == {"adamw", second}
@@ -467,6 +475,8 @@ def test_bench_multiemo_end_to_end_and_cache(tmp_path, capsys):
                     "opt_step_s", "peak_mem_mb", "lr_band_decades", "steps_to_reference"):  # fmt: skip
             assert key in s
         assert 0.0 <= s["accuracy_mean"] <= 1.0
+        # 150 intents and 3 steps: the test loss is still near ln 150 = 5.01
+        assert 4.0 < s["test_loss_mean"] < 6.0
         assert s["time_per_step_s"] > 0 and s["peak_mem_mb"] >= 0
     for run in results["runs"]:
         assert [p[0] for p in run["eval_loss"]] == [0, 2, 3]
@@ -505,7 +515,7 @@ def test_two_processes_share_one_sweep(tmp_path):
     import sys
 
     argv = [
-        sys.executable, "-m", "riemannlora.cli", "bench", "--task", "multiemo", "--model",
+        sys.executable, "-m", "riemannlora.cli", "bench", "--task", "clinc150", "--model",
         "minilm", "--methods", "adamw,scaled-adamw", "--lrs", "1e-3,3e-3", "--steps", "2",
         "--eval-every", "2", "--eval-size", "8", "--final-eval-size", "8", "--batch-size", "4",
         "--threads", "1", "--no-progress",
@@ -533,24 +543,64 @@ def test_two_processes_share_one_sweep(tmp_path):
     assert len(results["runs"]) == 4
 
 
+#: Final metrics that are fractions in [0, 1] (the others: bleu 0-100, nist >= 0, losses > 0).
+_FRACTIONS = {"accuracy", "oos_recall", "exact_match", "rouge_l", *COMMONSENSE_TEST_SETS}
+_QUICK = [
+    "--quick", "--methods", "adamw", "--steps", "2", "--eval-every", "1", "--eval-size", "4",
+    "--final-eval-size", "2", "--batch-size", "2", "--max-new-tokens", "8", "--threads", "1",
+    "--no-progress",
+]  # fmt: skip
+
+
 @pytest.mark.slow
-def test_bench_e2e_smollm2_bleu_rouge(tmp_path):
-    torch.set_num_threads(2)
-    argv = [
-        "bench", "--task", "e2e", "--model", "smollm2", "--methods", "adamw",
-        "--steps", "2", "--eval-every", "1", "--eval-size", "4", "--batch-size", "2",
-        "--final-eval-size", "2", "--max-new-tokens", "6", "--out", str(tmp_path),
-        "--no-progress",
-    ]  # fmt: skip
-    assert cli.main(argv) == 0
+@pytest.mark.parametrize(
+    ("task", "extra"),
+    [
+        # 8 test queries: clinc150-oos's first 8 hold both in-scope and out-of-scope ones, so
+        # accuracy and oos_recall are both defined
+        pytest.param("clinc150", ["--final-eval-size", "8"], id="clinc150"),
+        pytest.param("clinc150-oos", ["--final-eval-size", "8"], id="clinc150-oos"),
+        pytest.param("e2e", [], id="e2e"),
+        pytest.param("commonsense", ["--scoring", "likelihood"], id="commonsense-likelihood"),
+        pytest.param("commonsense", ["--scoring", "generate"], id="commonsense-generate"),
+        pytest.param("gsm8k", [], id="gsm8k"),
+    ],
+)
+def test_bench_quick_every_task(task, extra, tmp_path, capsys):
+    """`bench --quick` end to end on each built-in task: every metric of the task's table is
+    in results.json, per run and in the summary, as a finite number in its range."""
+    torch.set_num_threads(1)
+    assert cli.main(["bench", "--task", task, *_QUICK, *extra, "--out", str(tmp_path)]) == 0
+    assert "| adamw |" in capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
+    workload = WORKLOADS[task]
+    assert results["task"] == task and results["preset"] == "quick"
+    assert results["model"] == canonical_model_id(workload.model_for("quick"))
+    assert results["metrics"] == workload.table_metrics() and results["failures"] == []
     (run,) = results["runs"]
-    final = run["final"]
-    assert 0.0 <= final["bleu"] <= 100.0 and 0.0 <= final["rouge_l"] <= 1.0
-    assert len(final["samples"]) == 2 and all(
-        isinstance(s["output"], str) for s in final["samples"]
-    )
-    assert results["metrics"] == ["bleu", "rouge_l"]
-    assert results["summary"]["adamw"]["bleu_mean"] == final["bleu"]
-    assert [p[0] for p in run["eval_loss"]] == [0, 1, 2]
+    assert [p[0] for p in run["eval_loss"]] == [0, 1, 2] and run["steps_done"] == 2
+    final, summary = run["final"], results["summary"]["adamw"]
+    for name in workload.table_metrics():
+        value = final[name]
+        assert isinstance(value, float | int) and math.isfinite(value), (name, value)
+        assert summary[f"{name}_mean"] == value
+        if name in _FRACTIONS:
+            assert 0.0 <= value <= 1.0, (name, value)
+        elif name == "bleu":
+            assert 0.0 <= value <= 100.0
+        elif name == "nist":
+            assert value >= 0.0
+        else:
+            assert name.endswith("_loss") and value > 0.0, (name, value)
+    if task == "commonsense":
+        scoring = extra[1]
+        assert results["settings"]["scoring"] == scoring and final["scoring"] == scoring
+        assert f"answers scored by {scoring}" in (tmp_path / "results.md").read_text()
+        # the average of the seven test sets
+        mean = sum(final[s] for s in COMMONSENSE_TEST_SETS) / len(COMMONSENSE_TEST_SETS)
+        assert final["accuracy"] == pytest.approx(mean)
+    if task == "e2e":
+        assert len(final["samples"]) == 2
+        assert all(isinstance(s["output"], str) for s in final["samples"])
     _finite_numbers(results)
+    _check_pngs(tmp_path)

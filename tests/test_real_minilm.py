@@ -1,6 +1,9 @@
-"""Real model, real data: PEFT LoRA on all-MiniLM-L6-v2, trained on BIG-bench MultiEmo sentences."""
+"""Real model, real data: PEFT LoRA on all-MiniLM-L6-v2, trained on CLINC150 intent queries
+(150 intents, from the data embedded in riemannlora.bench.data)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -10,6 +13,16 @@ import riemannlora as rl
 pytestmark = pytest.mark.slow
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+#: Training steps of batch 8. With 150 intents (about 5 training queries per intent in 720)
+#: the held-out loss moves slowly at first; measured drops after 30 / 60 / 90 steps: AdamW
+#: 0.03 / 0.26 / 0.65, ScaledAdamW 0.03 / 0.17 / 0.59, ScaledSGD 0.01 / 0.01 / 0.11.
+STEPS = 90
+
+
+def _num_labels() -> int:
+    from riemannlora.bench.tasks import task_data
+
+    return len(task_data("clinc150").labels)  # 150
 
 
 def _lora_minilm():
@@ -18,7 +31,7 @@ def _lora_minilm():
     from riemannlora.assets import load_sequence_classifier
 
     torch.manual_seed(0)
-    model, tok = load_sequence_classifier(MINILM, num_labels=4)
+    model, tok = load_sequence_classifier(MINILM, num_labels=_num_labels())
     cfg = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=8,
@@ -31,12 +44,12 @@ def _lora_minilm():
 @pytest.fixture(scope="module")
 def data():
     from riemannlora.assets import load_sequence_classifier
-    from riemannlora.tasks import Collator, load_task
+    from riemannlora.bench.tasks import Collator, load_task
 
-    _, tok = load_sequence_classifier(MINILM, num_labels=4)
-    train = load_task("multiemo", tok, "train", n=8 * 30, max_length=48)
+    _, tok = load_sequence_classifier(MINILM, num_labels=_num_labels())
+    train = load_task("clinc150", tok, "train", n=8 * STEPS, max_length=48)
     collate = Collator.for_tokenizer(tok)
-    held_out = collate(load_task("multiemo", tok, "eval", n=96, max_length=48))
+    held_out = collate(load_task("clinc150", tok, "validation", n=96, max_length=48))
     return [collate(train[i : i + 8]) for i in range(0, len(train), 8)], held_out
 
 
@@ -58,8 +71,8 @@ def _eval_loss(model, batch):
     ids=["AdamW", "ScaledAdamW", "ScaledSGD"],
 )
 def test_eval_loss_goes_down(make_opt, data):
-    """30 steps (batch 8) lower the loss on 96 held-out sentences by a clear margin."""
-    torch.set_num_threads(2)
+    """90 steps (batch 8) lower the loss on 96 held-out queries by a clear margin."""
+    torch.set_num_threads(1)
     train, held_out = data
     model, _ = _lora_minilm()
     pairs = rl.find_lora_pairs(model)
@@ -68,6 +81,8 @@ def test_eval_loss_goes_down(make_opt, data):
     assert len(pairs) == 6 * 6 + 1
     opt = make_opt(model)
     before = _eval_loss(model, held_out)
+    # the new head starts near uniform over the 150 intents
+    assert abs(before - math.log(_num_labels())) < 0.1, before
     model.train()
     for batch in train:
         loss = model(**batch).loss
@@ -75,5 +90,6 @@ def test_eval_loss_goes_down(make_opt, data):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    assert len(train) == STEPS
     after = _eval_loss(model, held_out)
-    assert after < before - 0.04, (before, after)
+    assert after < before - 0.05, (before, after)

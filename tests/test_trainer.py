@@ -408,13 +408,19 @@ def test_factory_misuse_is_reported(tmp_path):
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
+def _num_labels() -> int:
+    from riemannlora.bench.tasks import task_data
+
+    return len(task_data("clinc150").labels)  # CLINC150's 150 intents
+
+
 def _minilm_trainer(out, data, collate, **kw):
     from peft import TaskType
 
     from riemannlora.assets import load_sequence_classifier
 
     torch.manual_seed(0)
-    base, _ = load_sequence_classifier(MINILM, num_labels=4)
+    base, _ = load_sequence_classifier(MINILM, num_labels=_num_labels())
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, target_modules=["query", "value"]
     )
@@ -428,12 +434,12 @@ def _minilm_trainer(out, data, collate, **kw):
 
 
 @pytest.mark.slow
-def test_real_minilm_multiemo_resume_matches_and_adapter_loads(tmp_path):
+def test_real_minilm_clinc150_resume_matches_and_adapter_loads(tmp_path):
     from riemannlora.assets import load_sequence_classifier
-    from riemannlora.tasks import Collator, load_task
+    from riemannlora.bench.tasks import Collator, load_task
 
-    _, tok = load_sequence_classifier(MINILM, num_labels=4)
-    data = load_task("multiemo", tok, "train", n=48, max_length=48)
+    _, tok = load_sequence_classifier(MINILM, num_labels=_num_labels())
+    data = load_task("clinc150", tok, "train", n=48, max_length=48)
     collate = Collator.for_tokenizer(tok)
     full = _minilm_trainer(tmp_path / "full", data, collate)
     full.train()
@@ -445,7 +451,7 @@ def test_real_minilm_multiemo_resume_matches_and_adapter_loads(tmp_path):
     losses = [h["loss"] for h in full.state.log_history if "loss" in h]
     assert all(math.isfinite(x) for x in losses)
     full.save_model(str(tmp_path / "adapter"))
-    base, _ = load_sequence_classifier(MINILM, num_labels=4)
+    base, _ = load_sequence_classifier(MINILM, num_labels=_num_labels())
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
     batch = collate(data[:8])
     full.model.eval()

@@ -1,4 +1,5 @@
-"""Resolve pretrained models and BIG-bench task data, online or fully offline.
+"""Resolve pretrained models, online or fully offline (the data sets ship with the package:
+:mod:`riemannlora.bench.data`).
 
 Models
 ------
@@ -19,16 +20,6 @@ c. a PyPI package fallback for the two models this project uses by default (no h
 d. a hub download, unless ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set;
 e. otherwise a :class:`AssetNotFoundError` saying what to install.
 
-BIG-bench
----------
-:func:`bigbench_task` returns a parsed ``benchmark_tasks/<task>/task.json`` of the
-``bigbench==1.0.0`` source archive (358 MB, Apache-2.0). The archive is looked up at
-``$RIEMANNLORA_BIGBENCH_ARCHIVE``, then ``cache_dir()/bigbench-1.0.0.tar.gz``, and otherwise
-fetched with ``pip download --no-deps bigbench==1.0.0``. The first call scans the archive once
-(about 10 s) and extracts the requested task plus the tasks this project uses
-(:data:`BIGBENCH_PREFETCH`, about 40 MB) into ``cache_dir()/bigbench/<task>/task.json``; later
-calls read that file (milliseconds).
-
 Cache
 -----
 Everything is stored under :func:`cache_dir`: ``$RIEMANNLORA_CACHE`` if set, else
@@ -38,30 +29,23 @@ so an interrupted run never leaves a half-written entry. Delete an entry to rebu
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import pathlib
 import re
 import shutil
-import subprocess
-import sys
-import tarfile
 import tempfile
 from typing import Any
 
 import torch
 
 __all__ = [
-    "BIGBENCH_PREFETCH",
     "MINILM_ID",
     "MODEL_ALIASES",
     "PACKAGE_MODELS",
     "SMOLLM2_ID",
     "AssetNotFoundError",
-    "bigbench_task",
-    "bigbench_tasks",
     "cache_dir",
     "canonical_model_id",
     "load_causal_lm",
@@ -89,19 +73,6 @@ def cache_dir() -> pathlib.Path:
 
 def _sanitize(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name.replace("/", "--"))
-
-
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _is_offline() -> bool:
@@ -307,141 +278,3 @@ def load_sequence_classifier(
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model, tokenizer
-
-
-# --------------------------------------------------------------------------------------------
-# BIG-bench
-# --------------------------------------------------------------------------------------------
-
-BIGBENCH_VERSION = "1.0.0"
-BIGBENCH_ARCHIVE_NAME = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
-BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
-
-#: Tasks extracted (with all their subtasks) whenever the archive is scanned.
-BIGBENCH_PREFETCH: tuple[str, ...] = (
-    "gem/e2e_nlg",
-    "gem/webnlg_en",
-    "gem/common_gen",
-    "multiemo/all_sentence_en",
-    "elementary_math_qa",
-    "arithmetic",
-    "strategyqa",
-    "intent_recognition",
-)
-
-_TASKS_PREFIX = "bigbench/benchmark_tasks/"
-_INDEX_NAME = "_index.json"
-
-
-def _bigbench_dir() -> pathlib.Path:
-    return cache_dir() / "bigbench"
-
-
-def _normalize_task(task: str) -> str:
-    name = task.strip().strip("/")
-    if "benchmark_tasks/" in name:
-        name = name.split("benchmark_tasks/", 1)[1]
-    name = name.removesuffix("task.json").strip("/")
-    if not name or ".." in name.split("/"):
-        raise ValueError(f"invalid BIG-bench task name: {task!r}")
-    return name
-
-
-def _bigbench_archive() -> pathlib.Path:
-    """Path of the BIG-bench source archive, downloading it with pip if needed."""
-    env = os.environ.get("RIEMANNLORA_BIGBENCH_ARCHIVE")
-    if env:
-        path = pathlib.Path(env).expanduser()
-        if not path.is_file():
-            raise AssetNotFoundError(f"RIEMANNLORA_BIGBENCH_ARCHIVE={env!r} is not a file")
-        return path
-    path = cache_dir() / BIGBENCH_ARCHIVE_NAME
-    if path.is_file():
-        return path
-    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".bigbench-download.") as tmp:
-        cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps",
-            f"bigbench=={BIGBENCH_VERSION}", "-d", tmp,
-        ]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        got = pathlib.Path(tmp) / BIGBENCH_ARCHIVE_NAME
-        if proc.returncode != 0 or not got.is_file():
-            raise AssetNotFoundError(
-                f"Could not download the BIG-bench archive with `{' '.join(cmd[2:])}` "
-                f"(exit {proc.returncode}): {proc.stderr.strip()[-800:]}\nDownload "
-                f"{BIGBENCH_ARCHIVE_NAME} yourself (`pip download --no-deps bigbench=="
-                f"{BIGBENCH_VERSION}`) and set RIEMANNLORA_BIGBENCH_ARCHIVE to its path."
-            )
-        digest = hashlib.sha256()
-        with got.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != BIGBENCH_SHA256:
-            raise AssetNotFoundError(
-                f"{BIGBENCH_ARCHIVE_NAME} from pip has sha256 {digest.hexdigest()}, "
-                f"expected {BIGBENCH_SHA256}"
-            )
-        os.replace(got, path)
-    return path
-
-
-def _wanted(rel: str, task: str) -> bool:
-    if rel == task:
-        return True
-    for pre in BIGBENCH_PREFETCH:
-        if rel == pre or (rel.startswith(pre + "/") and "/" not in rel[len(pre) + 1 :]):
-            return True
-    return False
-
-
-def _extract_tasks(task: str) -> None:
-    """One pass over the archive: extract the wanted task.json files and index all tasks."""
-    out = _bigbench_dir()
-    index: dict[str, int] = {}
-    with tarfile.open(_bigbench_archive(), mode="r:gz") as tar:
-        for member in tar:
-            name = member.name
-            if not (member.isfile() and name.endswith("/task.json") and _TASKS_PREFIX in name):
-                continue
-            rel = name.split(_TASKS_PREFIX, 1)[1].removesuffix("/task.json")
-            index[rel] = member.size
-            if _wanted(rel, task) and not (out / rel / "task.json").is_file():
-                f = tar.extractfile(member)
-                if f is not None:
-                    _atomic_write_bytes(out / rel / "task.json", f.read())
-    _atomic_write_bytes(out / _INDEX_NAME, json.dumps(index, indent=0, sort_keys=True).encode())
-
-
-def bigbench_tasks() -> list[str]:
-    """All task names in the archive (``"gem/e2e_nlg"``, ...); scans it once if needed."""
-    index_path = _bigbench_dir() / _INDEX_NAME
-    if not index_path.is_file():
-        _extract_tasks(BIGBENCH_PREFETCH[0])
-    return sorted(json.loads(index_path.read_text()))
-
-
-def bigbench_task(task: str) -> dict[str, Any]:
-    """Parsed ``benchmark_tasks/<task>/task.json`` of BIG-bench 1.0.0.
-
-    ``task`` is the path below ``benchmark_tasks``, e.g. ``"gem/e2e_nlg"``,
-    ``"multiemo/all_sentence_en"`` or ``"elementary_math_qa/question_only"`` (a bare parent
-    such as ``"elementary_math_qa"`` gives its small metadata-only task.json). The examples are
-    under ``["examples"]``: dicts with ``"input"`` and ``"target"`` (str or list of str) or
-    ``"target_scores"`` (choice -> 0/1).
-    """
-    name = _normalize_task(task)
-    path = _bigbench_dir() / name / "task.json"
-    if not path.is_file():
-        index_path = _bigbench_dir() / _INDEX_NAME
-        known = json.loads(index_path.read_text()) if index_path.is_file() else None
-        if known is None or name in known:
-            _extract_tasks(name)
-            known = json.loads(index_path.read_text())
-        if name not in known:
-            close = [k for k in known if name.split("/")[-1] in k][:10]
-            raise KeyError(
-                f"BIG-bench {BIGBENCH_VERSION} has no task {name!r}"
-                + (f"; did you mean one of {close}?" if close else "")
-            )
-    with path.open(encoding="utf-8") as f:
-        return json.load(f)

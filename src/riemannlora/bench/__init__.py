@@ -1,8 +1,12 @@
 """The ``riemannlora bench`` harness: one training loop, many optimizers, real models and data.
 
 * :mod:`~riemannlora.bench.methods` -- the compared methods, their settings and learning rates;
+* :mod:`~riemannlora.bench.data` -- the embedded data sets and the loader of local files and
+  hub ids (Hugging Face ``datasets``);
+* :mod:`~riemannlora.bench.tasks` -- the built-in tasks' splits, tokenization and scoring;
+* :mod:`~riemannlora.bench.userdata` -- a user's data set as a task (``--data``);
 * :mod:`~riemannlora.bench.workloads` -- tasks: model, LoRA layers, batches, final metrics;
-* :mod:`~riemannlora.bench.metrics` -- BLEU and ROUGE-L;
+* :mod:`~riemannlora.bench.metrics` -- BLEU, ROUGE-L and NIST;
 * :mod:`~riemannlora.bench.runner` -- the training loop, the run cache and the sweep;
 * :mod:`~riemannlora.bench.measure` -- peak memory and synchronized timing;
 * :mod:`~riemannlora.bench.summary` -- per-method summaries;

@@ -1,4 +1,5 @@
-"""Text-generation metrics of the E2E task: corpus BLEU (sacrebleu) and ROUGE-L (rouge-score).
+"""Text-generation metrics of the E2E task: corpus BLEU (sacrebleu), ROUGE-L (rouge-score) and
+NIST (nltk).
 
 Both take one hypothesis per example and *all* reference texts of that example (E2E has several
 references per meaning representation):
@@ -9,13 +10,19 @@ references per meaning representation):
 * :func:`rouge_l` -- ROUGE-L F1 of each hypothesis against each of its references
   (``rouge_score.rouge_scorer`` with stemming), the maximum over references, averaged over the
   examples; on the 0-1 scale.
+* :func:`nist` -- nltk's multi-reference corpus NIST (n-grams up to 5, information-weighted),
+  on lower-cased text with sacrebleu's ``13a`` tokenization.
+
+METEOR and CIDEr, the challenge's other two metrics, are not computed: nltk's METEOR needs the
+WordNet corpus, which no package on the registry ships, and the CIDEr implementation of
+``pycocoevalcap`` comes in a 100 MB wheel with Java tools.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["corpus_bleu", "rouge_l"]
+__all__ = ["corpus_bleu", "nist", "rouge_l"]
 
 
 def _check(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> None:
@@ -55,3 +62,24 @@ def rouge_l(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> f
         for hyp, refs in zip(hypotheses, references, strict=True)
     ]
     return sum(best) / len(best)
+
+
+def nist(hypotheses: Sequence[str], references: Sequence[Sequence[str]], n: int = 5) -> float:
+    """Multi-reference corpus NIST in [0, inf) (nltk, n-grams up to ``n``; orders longer than
+    every hypothesis count 0)."""
+    from nltk.translate.nist_score import corpus_nist
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    _check(hypotheses, references)
+    tok = Tokenizer13a()
+
+    def words(text: str) -> list[str]:
+        return tok(text.lower()).split()
+
+    hyps = [words(h) for h in hypotheses]
+    # orders no hypothesis reaches add nothing (nltk would divide by their zero count)
+    order = min(n, max(len(h) for h in hyps))
+    if order == 0:
+        return 0.0
+    refs = [[words(r) for r in rs] for rs in references]
+    return float(corpus_nist(refs, hyps, n=order))

@@ -39,6 +39,11 @@ _METRIC_LABELS = {
     "rouge_l": "ROUGE-L",
     "subject_accuracy": "subject acc.",
     "retained_accuracy": "retained acc.",
+    "nist": "NIST",
+    "test_loss": "test loss",
+    "oos_recall": "OOS recall",
+    "exact_match": "exact match",
+    "answer_loss": "answer loss",
 }
 
 
@@ -71,7 +76,7 @@ def format_table(
         else:
             reach_text = f"> {steps}" if reach is None else f"{reach:g}"
         band = s.get("lr_band_decades")
-        digits = {"bleu": 2}
+        digits = {"bleu": 2, "nist": 3}
         row = [
             method,
             f"{s['best_lr']:.3g}",

@@ -7,8 +7,10 @@ with the learning rate decayed linearly to 0 (no warmup) and no gradient clippin
 It records (see :func:`train`):
 
 * ``eval_loss``: ``[step, loss]`` at step 0, every ``eval_every`` steps and the last step, on
-  the fixed eval subset (first ``eval_size`` eval examples); ``train_loss``: every step's loss;
-* ``final``: the task's final metrics plus ``eval_loss`` (the last curve point);
+  the fixed validation subset (first ``eval_size`` validation examples); ``train_loss``: every
+  step's loss;
+* ``final``: the task's final metrics on its test split plus ``eval_loss`` (the last
+  validation point, which the sweep selects learning rates by);
 * ``time_per_step_s`` / ``opt_step_s``: median seconds of a whole training step (forward,
   backward, optimizer step, zero_grad) and of ``optimizer.step()`` alone (CUDA synchronized);
   ``init_s``: building the PEFT model (with the method's initialization) and the optimizer;
@@ -46,10 +48,12 @@ from riemannlora.assets import AssetNotFoundError
 from riemannlora.bench.measure import PeakMemory, clock
 from riemannlora.bench.methods import METHODS, MethodContext, get_method
 from riemannlora.bench.workloads import (
+    SCORINGS,
     WORKLOADS,
     eval_batches,
     eval_loss,
     final_metrics,
+    get_workload,
     load_base,
     lora_config,
     train_batches,
@@ -58,7 +62,7 @@ from riemannlora.bench.workloads import (
 __all__ = ["BENCH_VERSION", "RunCache", "RunConfig", "quiet_libraries", "run_sweep", "train"]
 
 #: Bump when a change makes cached runs incomparable with new ones.
-BENCH_VERSION = 1
+BENCH_VERSION = 2  # 2: the embedded real-data tasks (BIG-bench is gone)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,9 @@ class RunConfig:
 
     The number of CPU threads is not part of it: it changes timings, not results, so a cached
     run is reused whatever ``--threads`` was (each record keeps its own in ``env``).
+    ``task="custom"`` runs on a user's data set: ``data`` is its source (``--data``) and
+    ``data_hash`` a fingerprint of its rows, so a changed file is trained anew. ``scoring``:
+    how commonsense answers are scored (``"likelihood"`` or ``"generate"``).
     """
 
     task: str
@@ -83,10 +90,20 @@ class RunConfig:
     max_length: int
     max_new_tokens: int
     device: str = "cpu"
+    data: str = ""
+    data_hash: str = ""
+    scoring: str = "likelihood"
 
     def __post_init__(self) -> None:
-        if self.task not in WORKLOADS:
+        if self.task == "custom":
+            if not self.data:
+                raise ValueError("task 'custom' needs data (the --data source)")
+        elif self.task not in WORKLOADS:
             raise ValueError(f"unknown task {self.task!r}; choose from {', '.join(WORKLOADS)}")
+        elif self.data:
+            raise ValueError(f"data is only for task 'custom', not {self.task!r}")
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
@@ -191,7 +208,7 @@ def _train_loop(
 def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Run ``cfg`` and return its record (JSON-ready; non-finite numbers become ``None``)."""
     start = time.perf_counter()
-    workload, method = WORKLOADS[cfg.task], get_method(cfg.method)
+    workload, method = get_workload(cfg.task, cfg.data), get_method(cfg.method)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)  # the new classifier head and PEFT's lora_A init
     base, tokenizer = load_base(workload, cfg.model, cfg.device)
@@ -230,6 +247,8 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
                 final_eval_size=cfg.final_eval_size,
                 max_length=cfg.max_length,
                 max_new_tokens=cfg.max_new_tokens,
+                eval_size=cfg.eval_size,
+                scoring=cfg.scoring,
                 progress=progress,
             )
         )

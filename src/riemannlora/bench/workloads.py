@@ -1,18 +1,30 @@
-"""The benchmark tasks: which model, which LoRA layers, which data, which final metric.
+"""The benchmark's workloads: which model, which LoRA layers, which data, which final metrics.
 
-Three workloads on the fixed BIG-bench splits of :mod:`riemannlora.tasks`:
+The tasks and their data are those of :mod:`riemannlora.bench.tasks` (embedded real data sets)
+or a user's data set (:mod:`riemannlora.bench.userdata`, ``--data``). During training the
+eval-loss curve is measured on the ``validation`` split (the sweep picks learning rates by it);
+the final metrics are measured once, on the ``test`` split:
 
-* ``multiemo`` -- 4-class sentence sentiment with an encoder (default
+* ``clinc150`` -- 150-intent classification with an encoder (default
   ``sentence-transformers/all-MiniLM-L6-v2`` + a new linear head, trained with the LoRA factors
-  through PEFT's ``modules_to_save``). Eval loss: cross-entropy on a fixed eval subset. Final
-  metric: accuracy on ``final_eval_size`` eval sentences.
+  through PEFT's ``modules_to_save``). Final: ``accuracy`` on the first ``final_eval_size``
+  test queries, and ``test_loss``. ``clinc150-oos`` adds the out-of-scope label and reports
+  in-scope ``accuracy`` and ``oos_recall`` (out-of-scope test queries predicted as ``oos``).
 * ``e2e`` -- E2E NLG data-to-text with a causal LM (default
-  ``HuggingFaceTB/SmolLM2-135M-Instruct``). Eval loss: token-level cross-entropy on the target
-  tokens of a fixed eval subset. Final metrics: greedy decoding of ``final_eval_size`` held-out
-  meaning representations, multi-reference corpus BLEU (0-100) and ROUGE-L (0-1) against all
-  their references (:mod:`riemannlora.bench.metrics`).
-* ``mathqa`` -- elementary MathQA with a causal LM (default SmolLM2). Eval loss as e2e. Final
-  metric: multiple-choice accuracy (:func:`riemannlora.tasks.mathqa_accuracy`).
+  ``HuggingFaceTB/SmolLM2-135M-Instruct``). Final: greedy decoding of the first
+  ``final_eval_size`` distinct test meaning representations, scored against all their
+  references: multi-reference corpus ``bleu`` (0-100), ``rouge_l`` (0-1) and ``nist``
+  (:mod:`riemannlora.bench.metrics`); ``test_loss`` on the completion tokens of the first
+  ``eval_size`` test pairs.
+* ``commonsense`` -- the seven commonsense-reasoning test sets with a causal LM (default
+  SmolLM2). Final: accuracy on the first ``final_eval_size`` rows of each set and their
+  average (``accuracy``). ``scoring="likelihood"`` (default) picks the answer word whose
+  completion "the correct answer is <word>" (without eos) is most likely; ``scoring="generate"`` decodes
+  greedily and extracts the first answer word of the text, as the suite does.
+* ``gsm8k`` -- math word problems with a causal LM (default SmolLM2). Final:
+  ``answer_loss`` (test loss on the solution tokens of the first ``eval_size`` test problems)
+  and ``exact_match`` of the final number of a greedy decoding (first ``final_eval_size``
+  problems, ``max_new_tokens`` tokens).
 * ``diffusion`` -- DreamBooth-style subject learning with a small text-to-image diffusion model
   pretrained here (:mod:`riemannlora.diffusion`; default ``riemannlora/mnist-digits-unet``,
   quick runs ``riemannlora/mnist-digits-unet-tiny``): LoRA on the UNet's attention projections
@@ -21,14 +33,19 @@ Three workloads on the fixed BIG-bench splits of :mod:`riemannlora.tasks`:
   metrics: classifier accuracy of generated subject samples (``subject_accuracy``) and of
   samples of the pretrained classes (``retained_accuracy``: forgetting lowers it), and a PNG
   grid of samples.
+* ``custom`` -- a user's data (``--data``): classification as ``clinc150`` (``accuracy``), causal
+  LM with ``test_loss`` on the completion tokens.
 
 LoRA is put on every ``nn.Linear`` except the output head (``classifier``, ``score``,
-``lm_head``) -- for ``diffusion`` on ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` -- with ``lora_alpha = 2 r`` (scaling 2) and no dropout, so every method sees the
-same deterministic function of its parameters.
+``lm_head``) -- for ``diffusion`` on ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` -- with
+``lora_alpha = 2 r`` (scaling 2) and no dropout, so every method sees the same deterministic
+function of its parameters.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,19 +55,34 @@ import torch
 from torch import nn
 
 from riemannlora.assets import MINILM_ID, SMOLLM2_ID, load_causal_lm, load_sequence_classifier
-from riemannlora.tasks import (
-    MULTIEMO_LABELS,
+from riemannlora.bench.tasks import (
+    COMMONSENSE_TEST_SETS,
     Collator,
-    e2e_eval_data,
-    load_task,
-    mathqa_accuracy,
-    mathqa_examples,
+    TaskData,
+    e2e_references,
+    extract_choice,
+    extract_number,
+    greedy_generate,
+    option_logprobs,
+    task_data,
+    tokenize_rows,
 )
 
-__all__ = ["HEAD_NAMES", "WORKLOADS", "Workload", "eval_loss", "final_metrics", "train_batches"]
+__all__ = [
+    "HEAD_NAMES",
+    "SCORINGS",
+    "WORKLOADS",
+    "Workload",
+    "eval_loss",
+    "final_metrics",
+    "get_workload",
+    "train_batches",
+]
 
 #: Names of output layers that never get LoRA.
 HEAD_NAMES = ("classifier", "score", "lm_head")
+#: How commonsense answers are scored.
+SCORINGS = ("likelihood", "generate")
 
 
 @dataclass(frozen=True)
@@ -59,17 +91,19 @@ class Workload:
 
     ``presets[name]`` maps setting names of :class:`riemannlora.bench.runner.RunConfig`
     (``steps``, ``batch_size``, ``eval_every``, ``eval_size``, ``final_eval_size``,
-    ``max_length``, ``max_new_tokens``) to values.
+    ``max_length``, ``max_new_tokens``) to values. ``data``: the ``--data`` source of a
+    ``custom`` workload.
     """
 
     name: str
     kind: str  # "classification", "causal" or "diffusion"
     default_model: str
-    metric: str  # name of the primary final metric (higher is better)
+    metric: str  # name of the primary final metric
     presets: dict[str, dict[str, int]]
     eval_batch_size: int
     metrics: tuple[str, ...] = ()  # every final metric of the table (default: (metric,))
     quick_model: str | None = None  # model of the quick preset (default: default_model)
+    data: str = ""
 
     def settings(self, preset: str) -> dict[str, int]:
         """Sizes of ``preset`` (``"full"`` uses the default sizes)."""
@@ -83,90 +117,75 @@ class Workload:
         """The final metrics of the results table."""
         return list(self.metrics or (self.metric,))
 
+    def task(self) -> TaskData:
+        """The task's data (built-in or the user's), read once per process."""
+        return _user_task(self.data) if self.name == "custom" else task_data(self.name)
 
-_MULTIEMO = Workload(
-    name="multiemo",
+
+def _sizes(steps: int, batch: int, every: int, evals: int, final: int, length: int, new: int):
+    return dict(
+        steps=steps,
+        batch_size=batch,
+        eval_every=every,
+        eval_size=evals,
+        final_eval_size=final,
+        max_length=length,
+        max_new_tokens=new,
+    )
+
+
+_CLASSIFIER_PRESETS = {
+    "default": _sizes(300, 16, 50, 512, 1500, 32, 0),
+    "quick": _sizes(12, 16, 4, 32, 64, 32, 0),
+}
+_CLINC = Workload(
+    name="clinc150",
     kind="classification",
     default_model=MINILM_ID,
     metric="accuracy",
-    presets={
-        "default": dict(
-            steps=200,
-            batch_size=16,
-            eval_every=25,
-            eval_size=256,
-            final_eval_size=1000,
-            max_length=64,
-            max_new_tokens=0,
-        ),
-        "quick": dict(
-            steps=12,
-            batch_size=16,
-            eval_every=4,
-            eval_size=32,
-            final_eval_size=64,
-            max_length=64,
-            max_new_tokens=0,
-        ),
-    },
-    eval_batch_size=64,
+    metrics=("accuracy", "test_loss"),
+    presets=_CLASSIFIER_PRESETS,
+    eval_batch_size=128,
+)
+_CLINC_OOS = dataclasses.replace(
+    _CLINC, name="clinc150-oos", metrics=("accuracy", "oos_recall", "test_loss")
 )
 _E2E = Workload(
     name="e2e",
     kind="causal",
     default_model=SMOLLM2_ID,
     metric="bleu",
-    metrics=("bleu", "rouge_l"),
+    metrics=("bleu", "rouge_l", "nist", "test_loss"),
     presets={
-        "default": dict(
-            steps=150,
-            batch_size=8,
-            eval_every=25,
-            eval_size=64,
-            final_eval_size=40,
-            max_length=128,
-            max_new_tokens=48,
-        ),
-        "quick": dict(
-            steps=4,
-            batch_size=8,
-            eval_every=2,
-            eval_size=8,
-            final_eval_size=4,
-            max_length=128,
-            max_new_tokens=16,
-        ),
+        "default": _sizes(150, 8, 25, 64, 40, 128, 48),
+        "quick": _sizes(4, 8, 2, 8, 4, 128, 16),
     },
     eval_batch_size=16,
 )
-_MATHQA = Workload(
-    name="mathqa",
+_COMMONSENSE = Workload(
+    name="commonsense",
     kind="causal",
     default_model=SMOLLM2_ID,
     metric="accuracy",
+    metrics=("accuracy", *COMMONSENSE_TEST_SETS),
     presets={
-        "default": dict(
-            steps=150,
-            batch_size=8,
-            eval_every=25,
-            eval_size=64,
-            final_eval_size=100,
-            max_length=256,
-            max_new_tokens=0,
-        ),
-        "quick": dict(
-            steps=4,
-            batch_size=8,
-            eval_every=2,
-            eval_size=8,
-            final_eval_size=8,
-            max_length=256,
-            max_new_tokens=0,
-        ),
+        "default": _sizes(150, 8, 25, 64, 50, 256, 12),
+        "quick": _sizes(4, 8, 2, 8, 2, 256, 12),
     },
     eval_batch_size=16,
 )
-
+_GSM8K = Workload(
+    name="gsm8k",
+    kind="causal",
+    default_model=SMOLLM2_ID,
+    metric="exact_match",
+    metrics=("exact_match", "answer_loss"),
+    presets={
+        "default": _sizes(150, 8, 25, 64, 40, 384, 192),
+        "quick": _sizes(4, 4, 2, 8, 2, 384, 24),
+    },
+    eval_batch_size=8,
+)
 _DIFFUSION = Workload(
     name="diffusion",
     kind="diffusion",
@@ -177,30 +196,55 @@ _DIFFUSION = Workload(
     presets={
         # batch_size: subject images per batch (as many prior-preservation images come along);
         # eval_size: unseen test images of the new class; final_eval_size: subject samples
-        "default": dict(
-            steps=150,
-            batch_size=8,
-            eval_every=25,
-            eval_size=128,
-            final_eval_size=64,
-            max_length=0,
-            max_new_tokens=0,
-        ),
-        "quick": dict(
-            steps=4,
-            batch_size=4,
-            eval_every=2,
-            eval_size=16,
-            final_eval_size=8,
-            max_length=0,
-            max_new_tokens=0,
-        ),
+        "default": _sizes(150, 8, 25, 128, 64, 0, 0),
+        "quick": _sizes(4, 4, 2, 16, 8, 0, 0),
     },
     eval_batch_size=64,
 )
 
-#: Task name -> workload.
-WORKLOADS: dict[str, Workload] = {w.name: w for w in (_MULTIEMO, _E2E, _MATHQA, _DIFFUSION)}
+#: Built-in task name -> workload.
+WORKLOADS: dict[str, Workload] = {
+    w.name: w for w in (_CLINC, _CLINC_OOS, _E2E, _COMMONSENSE, _GSM8K, _DIFFUSION)
+}
+
+
+@functools.lru_cache(maxsize=4)
+def _user_task_at(data: str, stamp: tuple) -> TaskData:
+    from riemannlora.bench.userdata import user_task
+
+    return user_task(data)
+
+
+def _user_task(data: str) -> TaskData:
+    """A user's task, read again when its files changed (size or modification time)."""
+    from riemannlora.bench.data import source_stamp
+
+    return _user_task_at(data, source_stamp(data))
+
+
+def get_workload(task: str, data: str = "") -> Workload:
+    """The workload of a built-in ``task``, or (``data`` given) of a user's data set: its kind
+    (classification or causal LM) comes from the data's columns. Raises ``ValueError`` for an
+    unknown task and :class:`riemannlora.bench.data.DataError` for bad data."""
+    if data:
+        kind = _user_task(data).kind
+        if kind == "classification":
+            return dataclasses.replace(_CLINC, name="custom", data=data)
+        return Workload(
+            name="custom",
+            kind="causal",
+            default_model=SMOLLM2_ID,
+            metric="test_loss",
+            presets={
+                "default": _sizes(150, 8, 25, 64, 256, 256, 0),
+                "quick": _sizes(4, 4, 2, 8, 8, 256, 0),
+            },
+            eval_batch_size=16,
+            data=data,
+        )
+    if task not in WORKLOADS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(WORKLOADS)}")
+    return WORKLOADS[task]
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,7 +262,8 @@ def load_base(workload: Workload, model: str, device: str) -> tuple[nn.Module, A
         base = pretrained(model, device=device)
         return DenoisingLoss(base.unet).to(device).eval(), DreamBoothData(base)
     if workload.kind == "classification":
-        return load_sequence_classifier(model, num_labels=len(MULTIEMO_LABELS), device=device)
+        labels = workload.task().labels
+        return load_sequence_classifier(model, num_labels=len(labels), device=device)
     return load_causal_lm(model, device=device)
 
 
@@ -268,14 +313,19 @@ def lora_config(workload: Workload, model: nn.Module, rank: int, **init: Any) ->
 _EXAMPLES: dict[tuple, tuple[dict[str, Any], ...]] = {}
 
 
-def _examples(task: str, tokenizer: Any, split: str, n: int, max_length: int) -> tuple:
-    """Tokenized examples, memoized per (task, tokenizer, split, n, max_length) so that the
-    runs of a sweep tokenize once."""
-    key = (task, getattr(tokenizer, "name_or_path", id(tokenizer)), split, n, max_length)
+def _examples(
+    workload: Workload, tokenizer: Any, split: str, n: int | None, max_length: int
+) -> tuple:
+    """Tokenized rows (the first ``n`` of ``split``), memoized per (task, data, tokenizer,
+    split, n, max_length) so that the runs of a sweep tokenize once."""
+    name = getattr(tokenizer, "name_or_path", id(tokenizer))
+    key = (workload.name, workload.data, name, split, n, max_length)
     if key not in _EXAMPLES:
         if len(_EXAMPLES) >= 8:
             _EXAMPLES.pop(next(iter(_EXAMPLES)))
-        _EXAMPLES[key] = tuple(load_task(task, tokenizer, split, n=n, max_length=max_length))
+        task = workload.task()
+        rows = task.split(split)[:n]
+        _EXAMPLES[key] = tuple(tokenize_rows(task.kind, tokenizer, rows, max_length))
     return _EXAMPLES[key]
 
 
@@ -294,7 +344,7 @@ def train_batches(
     if workload.kind == "diffusion":
         yield from tokenizer.train_batches(steps, batch_size, seed)
         return
-    examples = _examples(workload.name, tokenizer, "train", steps * batch_size, max_length)
+    examples = _examples(workload, tokenizer, "train", steps * batch_size, max_length)
     if not examples:
         raise ValueError(f"task {workload.name!r} has no training examples")
     collate = Collator.for_tokenizer(tokenizer)
@@ -308,15 +358,14 @@ def train_batches(
 
 
 def eval_batches(
-    workload: Workload, tokenizer: Any, *, n: int, max_length: int
+    workload: Workload, tokenizer: Any, *, n: int, max_length: int, split: str = "validation"
 ) -> list[dict[str, torch.Tensor]]:
-    """The fixed eval subset (first ``n`` eval examples) in batches, sorted by length (less
-    padding; the order does not change the mean)."""
+    """The first ``n`` rows of ``split`` in batches, sorted by length (less padding; the order
+    does not change the mean)."""
     if workload.kind == "diffusion":
         return tokenizer.eval_batches(n, workload.eval_batch_size)
     examples = sorted(
-        _examples(workload.name, tokenizer, "eval", n, max_length),
-        key=lambda ex: len(ex["input_ids"]),
+        _examples(workload, tokenizer, split, n, max_length), key=lambda ex: len(ex["input_ids"])
     )
     collate = Collator.for_tokenizer(tokenizer)
     size = workload.eval_batch_size
@@ -356,15 +405,20 @@ def eval_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float
 
 
 @torch.no_grad()
-def _correct(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """Number of correctly classified examples of a batch (eval mode, restored after)."""
+def _predictions(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> tuple[list, list]:
+    """(predicted, true) labels of classification batches (eval mode, restored after)."""
     was_training = model.training
     model.eval()
+    predicted: list[int] = []
+    truth: list[int] = []
     try:
-        logits = model(**_to(batch, next(model.parameters()).device)).logits
+        for batch in batches:
+            logits = model(**_to(batch, next(model.parameters()).device)).logits
+            predicted += logits.argmax(-1).cpu().tolist()
+            truth += batch["labels"].tolist()
     finally:
         model.train(was_training)
-    return int((logits.argmax(-1).cpu() == batch["labels"]).sum())
+    return predicted, truth
 
 
 def _chunks(items: list, size: int, desc: str, progress: bool) -> Iterator[list]:
@@ -378,6 +432,77 @@ def _chunks(items: list, size: int, desc: str, progress: bool) -> Iterator[list]
         yield items[start : start + size]
 
 
+def _classification_metrics(
+    workload: Workload, model: nn.Module, tokenizer: Any, n: int, max_length: int
+) -> dict[str, Any]:
+    batches = eval_batches(workload, tokenizer, n=n, max_length=max_length, split="test")
+    predicted, truth = _predictions(model, batches)
+    out: dict[str, Any] = {"test_loss": eval_loss(model, batches)}
+    oos = workload.task().info.get("oos_label")
+    if oos is None:
+        out["accuracy"] = sum(p == t for p, t in zip(predicted, truth)) / len(truth)
+        return out
+    inscope = [(p, t) for p, t in zip(predicted, truth) if t != oos]
+    outscope = [p for p, t in zip(predicted, truth) if t == oos]
+    out["accuracy"] = sum(p == t for p, t in inscope) / len(inscope) if inscope else math.nan
+    out["oos_recall"] = sum(p == oos for p in outscope) / len(outscope) if outscope else math.nan
+    return out
+
+
+def _e2e_metrics(model, tokenizer, workload, size, n, eval_size, max_length, new, progress):
+    from riemannlora.bench.metrics import corpus_bleu, nist, rouge_l
+
+    prompts, references = e2e_references(workload.task().test)
+    prompts, references = prompts[:n], references[:n]
+    outputs: list[str] = []
+    for chunk in _chunks(prompts, size, "greedy decode", progress):
+        outputs += greedy_generate(model, tokenizer, chunk, max_new_tokens=new, batch_size=size)
+    test = eval_batches(workload, tokenizer, n=eval_size, max_length=max_length, split="test")
+    return {
+        "bleu": corpus_bleu(outputs, references),
+        "rouge_l": rouge_l(outputs, references),
+        "nist": nist(outputs, references),
+        "test_loss": eval_loss(model, test),
+        "samples": [{"prompt": p, "output": o} for p, o in list(zip(prompts, outputs))[:3]],
+    }
+
+
+def _commonsense_metrics(model, tokenizer, workload, size, n, max_length, new, scoring, progress):
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    rows = workload.task().test
+    out: dict[str, Any] = {"scoring": scoring}
+    for name in COMMONSENSE_TEST_SETS:
+        chosen = [r for r in rows if r["set"] == name][:n]
+        hits = 0
+        for chunk in _chunks(chosen, size, f"{name} ({scoring})", progress):
+            prompts = [r["prompt"] for r in chunk]
+            if scoring == "likelihood":
+                cands = [[f"the correct answer is {o}" for o in r["options"]] for r in chunk]
+                scores = option_logprobs(
+                    model, tokenizer, prompts, cands, size, max_length, eos=False
+                )
+                picked = [r["options"][max(range(len(s)), key=s.__getitem__)]
+                          for r, s in zip(chunk, scores)]  # fmt: skip
+            else:
+                texts = greedy_generate(model, tokenizer, prompts, new, batch_size=size)
+                picked = [extract_choice(t, r["options"]) for t, r in zip(texts, chunk)]
+            hits += sum(p == r["answer"] for p, r in zip(picked, chunk))
+        out[name] = hits / len(chosen)
+    out["accuracy"] = sum(out[name] for name in COMMONSENSE_TEST_SETS) / len(COMMONSENSE_TEST_SETS)
+    return out
+
+
+def _gsm8k_metrics(model, tokenizer, workload, size, n, eval_size, max_length, new, progress):
+    rows = workload.task().test[:n]
+    hits = 0
+    for chunk in _chunks(rows, size, "greedy decode", progress):
+        texts = greedy_generate(model, tokenizer, [r["prompt"] for r in chunk], new, size)
+        hits += sum(extract_number(t) == r["number"] for t, r in zip(texts, chunk))
+    test = eval_batches(workload, tokenizer, n=eval_size, max_length=max_length, split="test")
+    return {"exact_match": hits / len(rows), "answer_loss": eval_loss(model, test)}
+
+
 def final_metrics(
     workload: Workload,
     model: nn.Module,
@@ -386,37 +511,31 @@ def final_metrics(
     final_eval_size: int,
     max_length: int,
     max_new_tokens: int,
+    eval_size: int = 64,
+    scoring: str = "likelihood",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The task's final metrics after training (see the module docstring). e2e also returns
-    ``"samples"``: the first three (prompt, generation) pairs."""
+    """The task's final metrics on its test split after training (see the module docstring).
+    e2e also returns ``"samples"``: the first three (prompt, generation) pairs."""
     size = workload.eval_batch_size
     if workload.kind == "diffusion":
         return tokenizer.final_metrics(model, final_eval_size)
-    if workload.name == "multiemo":
-        batches = eval_batches(workload, tokenizer, n=final_eval_size, max_length=max_length)
-        correct = sum(
-            _correct(model, chunk[0]) for chunk in _chunks(batches, 1, "final eval", progress)
-        )
-        return {"accuracy": correct / sum(b["labels"].numel() for b in batches)}
-    if workload.name == "mathqa":
-        examples = mathqa_examples("eval", n=final_eval_size)
-        hits = 0.0
-        for chunk in _chunks(examples, size, "final eval", progress):
-            acc = mathqa_accuracy(model, tokenizer, chunk, batch_size=size, max_length=max_length)
-            hits += acc * len(chunk)
-        return {"accuracy": hits / len(examples)}
-    from riemannlora.bench.metrics import corpus_bleu, rouge_l
-    from riemannlora.tasks import greedy_generate
-
-    prompts, references = e2e_eval_data("eval", n=final_eval_size)
-    outputs: list[str] = []
-    for chunk in _chunks(prompts, size, "greedy decode", progress):
-        outputs += greedy_generate(
-            model, tokenizer, chunk, max_new_tokens=max_new_tokens, batch_size=size
-        )
-    return {
-        "bleu": corpus_bleu(outputs, references),
-        "rouge_l": rouge_l(outputs, references),
-        "samples": [{"prompt": p, "output": o} for p, o in list(zip(prompts, outputs))[:3]],
-    }
+    if workload.kind == "classification":
+        return _classification_metrics(workload, model, tokenizer, final_eval_size, max_length)
+    if workload.name == "e2e":
+        return _e2e_metrics(
+            model, tokenizer, workload, size, final_eval_size, eval_size, max_length,
+            max_new_tokens, progress,
+        )  # fmt: skip
+    if workload.name == "commonsense":
+        return _commonsense_metrics(
+            model, tokenizer, workload, size, final_eval_size, max_length, max_new_tokens,
+            scoring, progress,
+        )  # fmt: skip
+    if workload.name == "gsm8k":
+        return _gsm8k_metrics(
+            model, tokenizer, workload, size, final_eval_size, eval_size, max_length,
+            max_new_tokens, progress,
+        )  # fmt: skip
+    test = eval_batches(workload, tokenizer, n=final_eval_size, max_length=max_length, split="test")
+    return {"test_loss": eval_loss(model, test)}
