@@ -40,9 +40,11 @@ Presets (explicit flags override them):
            learning on the small digit diffusion model (built once, about 20 minutes; see
            `riemannlora pretrain-diffusion`)
   quick    the same methods, a few steps, small evals (a smoke run of 1-3 minutes)
-  full     every available method but the ablations over its lr grid (7 lrs, 3 decades) at
-           seed 0, then seeds 1 and 2 at each method's best lr (BENCHMARKS.md: hours on a
-           CPU, or use --device cuda)
+  full     the evidence protocol: every available method but the ablations over its lr grid
+           (7 lrs, 3 decades) at seed 0, refined with the quarter-decade neighbours of its
+           best lr; seeds 1 and 2 at the selected lr; and every method at adamw's selected lr
+           for all seeds (matched lr). The report gives paired per-seed differences against
+           adamw with bootstrap 95% intervals (hours on a CPU, or use --device cuda)
 
 Data: the built-in tasks read real data sets embedded in the package (nothing is
 downloaded). --data PATH_OR_HUB_ID compares the optimizers on your data instead: a .jsonl /
@@ -52,8 +54,9 @@ causal-LM task (TRL's conventions; default model SmolLM2). Without validation/te
 of the rows (seeded, at least 2, at most 2,000) are held out, half for validation and half for
 test. The data are checked before anything is written to --out.
 
-Sweep rule: each method runs all its lrs with the first seed; the other seeds run at the lr
-with the lowest final validation loss. Final metrics are measured on the test split.
+Sweep rule: each method runs all its lrs with the first seed (and, with --refine, the two
+quarter-decade neighbours of the best one); the other seeds run at the lr with the lowest
+final validation loss. Final metrics are measured on the test split, never used to select.
 """
 
 
@@ -147,8 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
         "7-point grid) or 'default' (each method's default lr)",
     )
     bench.add_argument("--seeds", help="comma-separated integer seeds (default: 0; full: 0,1,2)")
+    bench.add_argument(
+        "--refine",
+        action=argparse.BooleanOptionalAction,
+        help="after the grid, also run the quarter-decade neighbours of each method's best lr "
+        "(first seed) and select among all of them (default: on for --preset full)",
+    )
+    bench.add_argument(
+        "--matched",
+        metavar="METHOD",
+        help="also run every method, every seed, at METHOD's selected lr (the matched-lr "
+        "comparison; default: adamw for --preset full when it runs, 'none' to turn it off)",
+    )
     bench.add_argument("--steps", type=int, help="training steps per run")
     bench.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    bench.add_argument(
+        "--head-lr",
+        type=float,
+        help="train the parameters outside the LoRA pairs (a new classifier head) with "
+        "AdamW at this fixed lr for every method, so that the sweep moves only the LoRA "
+        "optimizer (default: each method trains the head as it comes, mostly at the swept lr)",
+    )
     bench.add_argument("--batch-size", type=int, help="training batch size")
     bench.add_argument("--eval-every", type=int, help="steps between eval-loss points")
     bench.add_argument("--eval-size", type=int, help="eval examples of the eval-loss curve")
@@ -252,6 +274,8 @@ def _check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.head_lr is not None and not (math.isfinite(args.head_lr) and args.head_lr > 0):
+        parser.error(f"--head-lr must be finite and > 0, got {args.head_lr}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
 
@@ -320,6 +344,8 @@ class _Plan:
     lrs: dict[str, list[float]]
     seeds: list[int]
     skipped: dict[str, str]
+    refine: bool = False
+    matched: str | None = None
 
 
 def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
@@ -374,9 +400,21 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
         data=args.data or "",
         data_hash=data_hash,
         scoring=args.scoring,
+        head_lr=args.head_lr,
         **sizes,
     )
-    return _Plan(preset, base, lrs, seeds, skipped)
+    refine = args.refine if args.refine is not None else preset == "full"
+    if args.matched is None:
+        matched = "adamw" if preset == "full" and "adamw" in methods else None
+    elif args.matched.strip().lower() == "none":
+        matched = None
+    else:
+        matched = args.matched.strip().lower()
+        if matched not in methods:
+            parser.error(
+                f"--matched: {args.matched!r} is not one of the methods run ({', '.join(methods)})"
+            )
+    return _Plan(preset, base, lrs, seeds, skipped, refine, matched)
 
 
 def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -415,6 +453,8 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             log=lambda s: print(s, file=sys.stderr),
             missing=missing,
+            refine=plan.refine,
+            matched=plan.matched,
         )
     except AssetNotFoundError as exc:
         print(f"riemannlora bench: error: {exc}", file=sys.stderr)
@@ -435,7 +475,9 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         "metrics": metrics,
         "reference": "adamw",
         "memory_kind": records[0]["memory_kind"] if records else None,
-        "summary": summarize(records, metrics),
+        "refine": plan.refine,
+        "matched": plan.matched,
+        "summary": summarize(records, metrics, "adamw", plan.lrs, plan.refine, plan.matched),
         "runs": records,
         "failures": failures,
         "missing": missing or [],

@@ -85,6 +85,7 @@ their classification lr there (untuned).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,8 +100,10 @@ __all__ = [
     "Method",
     "MethodContext",
     "available_methods",
+    "build_optimizer",
     "get_method",
     "lr_grid",
+    "refined_lrs",
 ]
 
 
@@ -110,12 +113,15 @@ class MethodContext:
 
     ``compute_loss(model)`` runs ``model`` on the first training batch and returns the loss
     (for data-dependent inits); ``adamw_lr`` is the task's AdamW default lr; ``seed`` seeds the
-    random draws of the method.
+    random draws of the method; ``head_lr``: when set, :func:`build_optimizer` trains the
+    parameters outside the LoRA pairs (a new classifier head) with ``AdamW(head_lr)`` for every
+    method, so that an lr sweep moves only the LoRA optimizer.
     """
 
     compute_loss: Callable[[nn.Module], torch.Tensor]
     adamw_lr: float
     seed: int
+    head_lr: float | None = None
 
     def generator(self) -> torch.Generator:
         """A CPU generator seeded with :attr:`seed`."""
@@ -139,6 +145,27 @@ class OptimizerList:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.optimizers:
             o.zero_grad(set_to_none=set_to_none)
+
+
+def build_optimizer(method: Method, model: nn.Module, lr: float, ctx: MethodContext) -> Any:
+    """``method.build(model, lr, ctx)``; with ``ctx.head_lr`` set, the parameters outside the
+    LoRA pairs (the head) are hidden from the method (``requires_grad`` off while it is built)
+    and get their own ``AdamW(head_lr, weight_decay=0)`` instead, stepped with it."""
+    if ctx.head_lr is None:
+        return method.build(model, lr, ctx)
+    from riemannlora import find_lora_pairs
+
+    head = find_lora_pairs(model).others
+    if not head:
+        return method.build(model, lr, ctx)
+    for p in head:
+        p.requires_grad_(False)
+    try:
+        inner = method.build(model, lr, ctx)
+    finally:
+        for p in head:
+            p.requires_grad_(True)
+    return OptimizerList(inner, torch.optim.AdamW(head, lr=ctx.head_lr, weight_decay=0.0))
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -384,3 +411,14 @@ def lr_grid(center: float, decades: float = 3.0, points_per_decade: int = 2) -> 
         raise ValueError(f"lr must be > 0, got {center}")
     half = round(decades * points_per_decade / 2)
     return [float(f"{center * 10 ** (k / points_per_decade):.3g}") for k in range(-half, half + 1)]
+
+
+def refined_lrs(best: float, lrs: list[float], step_decades: float = 0.25) -> list[float]:
+    """The quarter-decade neighbours ``best * 10**(+-step_decades)`` of a grid's best lr that
+    the grid does not already hold (3 significant digits, like :func:`lr_grid`)."""
+    out = []
+    for sign in (-1, 1):
+        lr = float(f"{best * 10 ** (sign * step_decades):.3g}")
+        if all(abs(math.log10(lr / x)) > 1e-3 for x in lrs):
+            out.append(lr)
+    return out

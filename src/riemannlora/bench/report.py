@@ -28,7 +28,7 @@ import tempfile
 from collections import defaultdict
 from typing import Any
 
-__all__ = ["PLOTS", "format_table", "write_report"]
+__all__ = ["PLOTS", "format_paired", "format_table", "write_report"]
 
 #: File names of the plots.
 PLOTS = ("eval_loss_curves.png", "lr_sweep.png", "time_per_step.png")
@@ -90,6 +90,55 @@ def format_table(
         ]
         rows.append(row)
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def _ci_cell(p: dict[str, Any] | None, digits: int) -> str:
+    if not p:
+        return "—"
+    lo, hi = p["ci95"]
+    mark = {"win": " **win**", "loss": " **loss**"}.get(p["verdict"], "")
+    return f"{p['mean']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{mark}"
+
+
+def format_paired(
+    summary: dict[str, dict[str, Any]], metrics: list[str], reference: str = "adamw"
+) -> str:
+    """Markdown tables of the paired per-seed differences against ``reference``: at each
+    method's own selected lr, and (when the sweep ran it) at ``reference``'s lr for all; ``""``
+    when there is nothing to compare."""
+    names = ["eval_loss", *metrics]
+    digits = {"bleu": 2, "nist": 3}
+    parts = []
+    for title, key in (
+        (f"each method at its own selected lr, minus {reference} at its own", "paired"),
+        (f"every method at {reference}'s selected lr (matched lr), minus {reference}", "matched"),
+    ):
+        rows = []
+        for method, s in summary.items():
+            block = s.get(key)
+            if key == "matched" and block:
+                block = block.get("paired")
+            if method == reference or not block or not any(block.values()):
+                continue
+            seeds = next(p["seeds"] for p in block.values() if p)
+            rows.append(
+                [method, str(len(seeds))]
+                + [_ci_cell(block.get(n), digits.get(n, 4)) for n in names]
+            )
+        if not rows:
+            continue
+        header = ["method", "seeds", *(_METRIC_LABELS.get(n, n) for n in names)]
+        lines = [f"## Paired differences: {title}", ""]
+        lines += ["| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows]]
+        parts.append("\n".join(lines))
+    if not parts:
+        return ""
+    note = (
+        "Mean per-seed difference [bootstrap 95 % interval]; a **win** or **loss** only when "
+        "the interval excludes 0 (losses: lower is better; other metrics: higher). With few "
+        "seeds the interval is wide: a tie means the data cannot tell."
+    )
+    return "\n\n".join(parts) + "\n\n" + note + "\n"
 
 
 def _color(method: str) -> Any:
@@ -308,12 +357,17 @@ def write_report(
     notes = (
         "Final eval loss and metrics: mean ± std over seeds at each method's best learning "
         "rate. Steps to reference: first eval step reaching the reference method's best mean "
-        "final eval loss (median over seeds). LR band: width of the learning-rate range within "
-        "5 % of the best final eval loss. Times and memory: medians over runs "
+        "final eval loss (median over seeds; min-max in results.json). LR band: width of the "
+        "learning-rate range within 5 % of the best final eval loss (20 %: results.json). "
+        "Times and memory: medians over runs "
         f"({results.get('memory_kind', 'peak memory')} above the loaded base model)."
     )
     sweep = _format_sweep(results["summary"])
-    _write_text(out / "results.md", f"# {title}\n\n{table}\n\n{notes}\n{sweep}")
+    paired = format_paired(
+        results["summary"], results["metrics"], results.get("reference", "adamw")
+    )
+    paired = f"\n{paired}" if paired else ""
+    _write_text(out / "results.md", f"# {title}\n\n{table}\n\n{notes}\n{paired}{sweep}")
     if results["summary"]:
         write_plots(out, results["runs"], results["summary"])
     return table

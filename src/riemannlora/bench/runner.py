@@ -46,7 +46,13 @@ import torch
 
 from riemannlora.assets import AssetNotFoundError
 from riemannlora.bench.measure import PeakMemory, clock
-from riemannlora.bench.methods import METHODS, MethodContext, get_method
+from riemannlora.bench.methods import (
+    METHODS,
+    MethodContext,
+    build_optimizer,
+    get_method,
+    refined_lrs,
+)
 from riemannlora.bench.workloads import (
     SCORINGS,
     WORKLOADS,
@@ -59,7 +65,14 @@ from riemannlora.bench.workloads import (
     train_batches,
 )
 
-__all__ = ["BENCH_VERSION", "RunCache", "RunConfig", "quiet_libraries", "run_sweep", "train"]
+__all__ = [
+    "BENCH_VERSION",
+    "RunCache",
+    "RunConfig",
+    "quiet_libraries",
+    "run_sweep",
+    "train",
+]
 
 #: Bump when a change makes cached runs incomparable with new ones.
 BENCH_VERSION = 2  # 2: the embedded real-data tasks (BIG-bench is gone)
@@ -73,7 +86,10 @@ class RunConfig:
     run is reused whatever ``--threads`` was (each record keeps its own in ``env``).
     ``task="custom"`` runs on a user's data set: ``data`` is its source (``--data``) and
     ``data_hash`` a fingerprint of its rows, so a changed file is trained anew. ``scoring``:
-    how commonsense answers are scored (``"likelihood"`` or ``"generate"``).
+    how commonsense answers are scored (``"likelihood"`` or ``"generate"``). ``head_lr``: the
+    parameters outside the LoRA pairs (a new classifier head) are trained by ``AdamW(head_lr)``
+    for every method (:func:`riemannlora.bench.methods.build_optimizer`); ``None``: by each
+    method as it comes (most at the swept lr).
     """
 
     task: str
@@ -93,6 +109,7 @@ class RunConfig:
     data: str = ""
     data_hash: str = ""
     scoring: str = "likelihood"
+    head_lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.task == "custom":
@@ -102,6 +119,12 @@ class RunConfig:
             raise ValueError(f"unknown task {self.task!r}; choose from {', '.join(WORKLOADS)}")
         elif self.data:
             raise ValueError(f"data is only for task 'custom', not {self.task!r}")
+        if self.head_lr is not None and not (
+            isinstance(self.head_lr, int | float)
+            and math.isfinite(self.head_lr)
+            and self.head_lr > 0
+        ):
+            raise ValueError(f"head_lr must be a finite number > 0 or None, got {self.head_lr!r}")
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if self.method not in METHODS:
@@ -226,11 +249,12 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         compute_loss=lambda m: m(**first).loss,
         adamw_lr=METHODS["adamw"].lr_for(workload.kind),
         seed=cfg.seed,
+        head_lr=cfg.head_lr,
     )
     with PeakMemory(device) as memory:
         t0 = time.perf_counter()
         model = method.initialize(base, lora_config(workload, base, cfg.rank), ctx)
-        optimizer = method.build(model, cfg.lr, ctx)
+        optimizer = build_optimizer(method, model, cfg.lr, ctx)
         init_s = time.perf_counter() - t0
         trace = _train_loop(
             model, optimizer, itertools.chain([first], batches), held_out, cfg, progress
@@ -395,30 +419,39 @@ def run_sweep(
     log: Callable[[str], None] = print,
     missing: list[dict[str, Any]] | None = None,
     poll_s: float = 20.0,
+    refine: bool = False,
+    matched: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run every method of ``lrs`` (method -> learning rates) in two stages.
+    """Run every method of ``lrs`` (method -> learning rates) in stages.
 
-    Stage 1 runs each learning rate with ``seeds[0]``; stage 2 runs ``seeds[1:]`` at each
-    method's best learning rate (lowest final eval loss in stage 1). ``base`` gives every other
-    setting. Returns ``(records, failures)``: a failing run is logged and reported as
-    ``{"config", "error", "traceback"}`` instead of stopping the sweep, except for a missing
-    model or data set (:class:`~riemannlora.assets.AssetNotFoundError`), which is raised.
+    Stage 1 runs each learning rate with ``seeds[0]``; with ``refine``, the quarter-decade
+    neighbours of the best one (:func:`~riemannlora.bench.methods.refined_lrs`) follow at ``seeds[0]``; stage 2 runs
+    ``seeds[1:]`` at each method's best learning rate (lowest final validation loss among the
+    stage-1 and refinement runs). With ``matched`` (a method of ``lrs``, e.g. ``"adamw"``),
+    every method also runs every seed at that method's best learning rate (the matched-lr
+    comparison). ``base`` gives every other setting. Returns ``(records, failures)``: a failing
+    run is logged and reported as ``{"config", "error", "traceback"}`` instead of stopping the
+    sweep, except for a missing model or data set
+    (:class:`~riemannlora.assets.AssetNotFoundError`), which is raised.
 
     Several processes may run the same sweep on the same output directory at once: each run
     is trained by the first process that claims it (:meth:`RunCache.claim`); the others go on
     with other runs and pick its result up from the cache when it is done (polling every
-    ``poll_s`` seconds once nothing else is left), so stage 2 of a method waits for all of
-    its stage-1 runs wherever they were trained.
+    ``poll_s`` seconds once nothing else is left), so a later stage of a method waits for all
+    of its earlier runs wherever they were trained.
 
     ``missing``: a list, to train nothing: only cached runs are returned and the configs of
-    the others are appended to it (stage 2 then uses the best lr among the cached stage-1
-    runs).
+    the others are appended to it (later stages then use the best lr among the cached runs).
     """
     from tqdm.auto import tqdm
 
     if not seeds:
         raise ValueError("at least one seed is needed")
+    if matched is not None and matched not in lrs:
+        raise ValueError(f"matched method {matched!r} is not among the methods {list(lrs)}")
     total = sum(len(v) for v in lrs.values()) + len(lrs) * (len(seeds) - 1)
+    total += 2 * len(lrs) if refine else 0  # at most: neighbours on the grid are not rerun
+    total += len(lrs) * len(seeds) if matched else 0  # at most: runs at the same lr are shared
     bar = tqdm(total=total, desc="runs", unit="run", disable=not progress, dynamic_ncols=True)
     records: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
@@ -463,28 +496,53 @@ def run_sweep(
             records.append(record)
         bar.update(1)
 
+    def skip(cfg: RunConfig) -> None:
+        if cfg.key() not in settled:
+            settled[cfg.key()] = None
+            bar.update(1)
+
+    def stage(method: str, method_lrs: list[float]) -> list[dict[str, Any]] | None:
+        """Run ``method_lrs`` at the first seed; their records once all are settled."""
+        cfgs = [dataclasses.replace(base, method=method, lr=lr, seed=seeds[0]) for lr in method_lrs]
+        for cfg in cfgs:
+            attempt(cfg)
+        if any(cfg.key() not in settled for cfg in cfgs):
+            return None
+        return [r for r in (settled[cfg.key()] for cfg in cfgs) if r is not None]
+
+    def best_lr(method: str, method_lrs: list[float]) -> float | None:
+        """The method's selected lr once its first-seed runs are settled (None: not yet, or
+        nothing to select from; the runs it could not use are counted as skipped)."""
+        done = stage(method, method_lrs)
+        if done is None:
+            return None
+        if refine:
+            extra = (
+                refined_lrs(min(done, key=_final_loss)["config"]["lr"], method_lrs) if done else []
+            )
+            more = stage(method, extra)
+            if more is None:
+                return None
+            done += more
+        if not done:
+            for seed in seeds[1:]:  # nothing to pick the lr from: count them as skipped
+                skip(dataclasses.replace(base, method=method, lr=method_lrs[0], seed=seed))
+            return None
+        return min(done, key=_final_loss)["config"]["lr"]
+
     while True:
         waiting = False
+        chosen: dict[str, float | None] = {}
         for method, method_lrs in lrs.items():
-            stage1 = [
-                dataclasses.replace(base, method=method, lr=lr, seed=seeds[0]) for lr in method_lrs
-            ]
-            for cfg in stage1:
-                attempt(cfg)
-            if any(cfg.key() not in settled for cfg in stage1):
-                continue  # stage 2 needs the whole stage 1
-            done = [settled[cfg.key()] for cfg in stage1]
-            done = [r for r in done if r is not None]
-            if not done:
-                for seed in seeds[1:]:  # nothing to pick the lr from: count them as skipped
-                    skipped = dataclasses.replace(stage1[0], seed=seed).key()
-                    if skipped not in settled:
-                        settled[skipped] = None
-                        bar.update(1)
+            best = chosen[method] = best_lr(method, method_lrs)
+            if best is None:
                 continue
-            best_lr = min(done, key=_final_loss)["config"]["lr"]
             for seed in seeds[1:]:
-                attempt(dataclasses.replace(base, method=method, lr=best_lr, seed=seed))
+                attempt(dataclasses.replace(base, method=method, lr=best, seed=seed))
+        if matched is not None and chosen.get(matched) is not None:
+            for method in lrs:
+                for seed in seeds:
+                    attempt(dataclasses.replace(base, method=method, lr=chosen[matched], seed=seed))
         if not waiting:
             break
         time.sleep(poll_s)

@@ -16,6 +16,19 @@ For each method (see :func:`summarize`):
   median seed never reaches it; resolution: ``eval_every``);
 * ``time_per_step_s``, ``opt_step_s``, ``init_s``, ``peak_mem_mb``, ``wall_s``: medians over
   all the method's runs.
+
+With the sweep plan (``lrs``: method -> planned grid, ``refine``, ``matched``), as the sweep of
+:func:`riemannlora.bench.runner.run_sweep` ran it:
+
+* ``best_lr`` is chosen among the grid and its refinement only (runs at other lrs, such as the
+  matched-lr runs, never select it); ``lr_band_decades`` / ``lr_band_20_decades``: the bands at
+  5 % and 20 % on that refined grid;
+* ``steps_to_reference_min/max``: the spread of steps-to-target over the seeds;
+* ``paired``: per metric (``eval_loss`` included), the per-seed differences method - reference
+  at each one's best lr over the seeds both ran, their mean, a bootstrap 95 % confidence
+  interval of the mean (:func:`bootstrap_ci`) and a ``verdict``: ``"win"`` / ``"loss"`` when
+  the interval excludes 0 (losses: lower is better, other metrics: higher), else ``"tie"``;
+* ``matched``: the same statistics with every method at the ``matched`` method's best lr.
 """
 
 from __future__ import annotations
@@ -25,10 +38,78 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-__all__ = ["BAND_TOLERANCE", "lr_band_decades", "steps_to_reach", "summarize"]
+from riemannlora.bench.methods import refined_lrs
+
+__all__ = [
+    "BAND_TOLERANCE",
+    "BOOTSTRAP_SAMPLES",
+    "bootstrap_ci",
+    "lr_band_decades",
+    "paired_differences",
+    "steps_to_reach",
+    "summarize",
+]
 
 #: Relative tolerance of the learning-rate band.
 BAND_TOLERANCE = 0.05
+#: Resamples of the bootstrap confidence intervals.
+BOOTSTRAP_SAMPLES = 10_000
+
+
+def bootstrap_ci(
+    values: list[float], level: float = 0.95, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampled with replacement,
+    seeded, so the same values give the same interval)."""
+    import random
+
+    if not values:
+        raise ValueError("no values")
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(samples))
+    lo = means[math.floor((1 - level) / 2 * (samples - 1))]
+    hi = means[math.ceil((1 + level) / 2 * (samples - 1))]
+    return lo, hi
+
+
+def _lower_is_better(metric: str) -> bool:
+    return "loss" in metric
+
+
+def paired_differences(
+    runs: list[dict[str, Any]], ref_runs: list[dict[str, Any]], metric: str
+) -> dict[str, Any] | None:
+    """Per-seed ``metric`` differences of ``runs`` minus ``ref_runs`` (matched by seed), their
+    mean, bootstrap 95 % interval and verdict (see the module docstring); ``None`` without a
+    common seed with both values finite."""
+
+    def by_seed(rs: list[dict[str, Any]]) -> dict[int, float]:
+        out = {}
+        for r in rs:
+            v = r["final"].get(metric)
+            if isinstance(v, int | float) and math.isfinite(v):
+                out[r["config"]["seed"]] = float(v)
+        return out
+
+    mine, ref = by_seed(runs), by_seed(ref_runs)
+    seeds = sorted(set(mine) & set(ref))
+    if not seeds:
+        return None
+    diffs = [mine[s] - ref[s] for s in seeds]
+    lo, hi = bootstrap_ci(diffs)
+    better = (lambda x: x < 0) if _lower_is_better(metric) else (lambda x: x > 0)
+    if lo > 0 or hi < 0:
+        verdict = "win" if better(lo if lo > 0 else hi) else "loss"
+    else:
+        verdict = "tie"
+    return {
+        "seeds": seeds,
+        "diffs": diffs,
+        "mean": statistics.fmean(diffs),
+        "ci95": [lo, hi],
+        "verdict": verdict,
+    }
 
 
 def _loss(record: dict[str, Any]) -> float:
@@ -83,11 +164,43 @@ def steps_to_reach(curve: list[list[float | None]], target: float) -> int | None
     return None
 
 
+def _stats(runs: list[dict[str, Any]], metrics: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"seeds": sorted(r["config"]["seed"] for r in runs)}
+    out["eval_loss_mean"], out["eval_loss_std"] = _mean_std([_loss(r) for r in runs])
+    for name in metrics:
+        values = [r["final"].get(name) for r in runs]
+        out[f"{name}_mean"], out[f"{name}_std"] = _mean_std(
+            [v for v in values if isinstance(v, int | float)]
+        )
+    return out
+
+
+def _sweep_lrs(
+    method_runs: list[dict[str, Any]], planned: list[float] | None, refine: bool, seed: int
+) -> set[float]:
+    """The lrs that may select ``best_lr``: the planned grid and its refinement (all first-seed
+    lrs without a plan)."""
+    first = {r["config"]["lr"]: _loss(r) for r in method_runs if r["config"]["seed"] == seed}
+    if planned is None:
+        return set(first)
+    grid = [lr for lr in planned if lr in first]
+    allowed = set(grid)
+    if refine and grid:
+        allowed |= set(refined_lrs(min(grid, key=first.__getitem__), list(planned)))
+    return allowed & set(first)
+
+
 def summarize(
-    records: list[dict[str, Any]], metrics: list[str], reference: str = "adamw"
+    records: list[dict[str, Any]],
+    metrics: list[str],
+    reference: str = "adamw",
+    lrs: dict[str, list[float]] | None = None,
+    refine: bool = False,
+    matched: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """One summary per method (keys in the module docstring), in the order methods first
-    appear in ``records``. ``metrics`` names the final metrics to aggregate."""
+    appear in ``records``. ``metrics`` names the final metrics to aggregate; ``lrs``,
+    ``refine`` and ``matched`` describe the sweep that made the records."""
     by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         by_method[record["config"]["method"]].append(record)
@@ -95,11 +208,15 @@ def summarize(
     out: dict[str, dict[str, Any]] = {}
     for method, runs in by_method.items():
         ref_seed = min(r["config"]["seed"] for r in runs)
-        ref_runs = [r for r in runs if r["config"]["seed"] == ref_seed]
+        allowed = _sweep_lrs(runs, (lrs or {}).get(method) if lrs else None, refine, ref_seed)
+        ref_runs = [
+            r for r in runs if r["config"]["seed"] == ref_seed and r["config"]["lr"] in allowed
+        ]
+        if not ref_runs:
+            continue
         loss_by_lr = {r["config"]["lr"]: _loss(r) for r in ref_runs}
         best_lr = min(loss_by_lr, key=loss_by_lr.__getitem__)
         at_best = [r for r in runs if r["config"]["lr"] == best_lr]
-        mean, std = _mean_std([_loss(r) for r in at_best])
         summary: dict[str, Any] = {
             "best_lr": best_lr,
             "lrs": sorted(loss_by_lr),
@@ -110,29 +227,53 @@ def summarize(
                 str(lr): {name: r["final"].get(name) for name in metrics}
                 for lr, r in ((r["config"]["lr"], r) for r in sorted(ref_runs, key=_lr))
             },
-            "seeds": sorted(r["config"]["seed"] for r in at_best),
-            "eval_loss_mean": mean,
-            "eval_loss_std": std,
+            **_stats(at_best, metrics),
             "diverged_runs": sum(bool(r.get("diverged")) for r in runs),
             "lr_band_decades": lr_band_decades(loss_by_lr),
+            "lr_band_20_decades": lr_band_decades(loss_by_lr, 0.20),
         }
-        for name in metrics:
-            values = [r["final"].get(name) for r in at_best]
-            summary[f"{name}_mean"], summary[f"{name}_std"] = _mean_std(
-                [v for v in values if isinstance(v, int | float)]
-            )
         for name in ("time_per_step_s", "opt_step_s", "init_s", "peak_mem_mb", "wall_s"):
             summary[name] = _median([r.get(name) for r in runs])
         out[method] = summary
 
     target = out.get(reference, {}).get("eval_loss_mean")
+    ref_best = [
+        r
+        for r in by_method.get(reference, [])
+        if r["config"]["lr"] == out.get(reference, {}).get("best_lr")
+    ]
+    matched_lr = out.get(matched, {}).get("best_lr") if matched else None
     for method, summary in out.items():
-        steps = None
+        at_best = [r for r in by_method[method] if r["config"]["lr"] == summary["best_lr"]]
+        steps = lo = hi = None
         if target is not None:
-            at_best = [r for r in by_method[method] if r["config"]["lr"] == summary["best_lr"]]
             reached = [steps_to_reach(r["eval_loss"], target) for r in at_best]
-            med = statistics.median(math.inf if s is None else s for s in reached)
+            as_num = [math.inf if s is None else s for s in reached]
+            med = statistics.median(as_num)
             steps = None if math.isinf(med) else med
+            lo = None if math.isinf(min(as_num)) else min(as_num)
+            hi = None if math.isinf(max(as_num)) else max(as_num)
         summary["steps_to_reference"] = steps
+        summary["steps_to_reference_min"] = lo
+        summary["steps_to_reference_max"] = hi
         summary["reference_eval_loss"] = target
+        if ref_best:
+            summary["paired"] = {
+                name: paired_differences(at_best, ref_best, name)
+                for name in ("eval_loss", *metrics)
+            }
+        if matched_lr is not None:
+            mine = [r for r in by_method[method] if r["config"]["lr"] == matched_lr]
+            ref_m = [r for r in by_method.get(reference, []) if r["config"]["lr"] == matched_lr]
+            if mine:
+                summary["matched"] = {
+                    "lr": matched_lr,
+                    **_stats(mine, metrics),
+                    "paired": {
+                        name: paired_differences(mine, ref_m, name)
+                        for name in ("eval_loss", *metrics)
+                    }
+                    if ref_m
+                    else {},
+                }
     return out
