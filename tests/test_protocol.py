@@ -268,3 +268,40 @@ def test_head_lr_flag_is_checked():
     assert not plan.refine and plan.matched is None
     with pytest.raises(ValueError, match="head_lr"):
         RunConfig(**{**_record("adamw", 1e-3, 0, 1.0, 0.5)["config"], "head_lr": -1.0})
+
+
+def test_fields_added_later_keep_cached_runs_valid(tmp_path):
+    """Columns and dtype came after version 2's runs were cached: at their defaults they are
+    left out of the key and of the stored config's comparison, so those runs are still hits;
+    set, they make another run."""
+    from riemannlora.bench.runner import LATER_FIELDS, RunCache
+
+    cfg = RunConfig(**_record("adamw", 1e-3, 0, 1.0, 0.5)["config"])
+    old_config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LATER_FIELDS}
+    cache = RunCache(tmp_path)
+    record = {**_record("adamw", 1e-3, 0, 1.0, 0.5), "config": old_config}
+    cache.put(cfg, record)  # as an older version wrote it
+    assert cache.get(cfg) == record
+    bf16 = dataclasses.replace(cfg, dtype="bfloat16")
+    assert bf16.key() != cfg.key() and cache.get(bf16) is None
+    with pytest.raises(ValueError, match="dtype"):
+        dataclasses.replace(cfg, dtype="float16")
+    with pytest.raises(ValueError, match="columns"):
+        dataclasses.replace(cfg, columns="label=intent")
+
+
+def test_gpu_preset_is_bigger_and_bfloat16():
+    parser = cli.build_parser()
+    for task in ("e2e", "commonsense", "gsm8k", "clinc150"):
+        args = parser.parse_args(["bench", "--task", task, "--preset", "gpu"])
+        gpu = cli._plan(args.parser, args).base
+        args = parser.parse_args(["bench", "--task", task])
+        default = cli._plan(args.parser, args).base
+        assert gpu.dtype == "bfloat16" and default.dtype == "float32"
+        assert gpu.steps > default.steps and gpu.batch_size > default.batch_size
+        assert gpu.final_eval_size > default.final_eval_size
+    args = parser.parse_args(["bench", "--task", "diffusion", "--preset", "gpu"])
+    assert cli._plan(args.parser, args).base.dtype == "float32"
+    args = parser.parse_args(["bench", "--task", "diffusion", "--dtype", "bfloat16"])
+    with pytest.raises(SystemExit):
+        cli._plan(args.parser, args)

@@ -492,3 +492,50 @@ def test_bench_user_causal_jsonl_end_to_end(rows, tmp_path, capsys):
     results = _results(out, data, ["test_loss"])
     assert results["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert results["runs"][0]["final"]["test_loss"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# other column names (--columns), as hub data sets have them
+# --------------------------------------------------------------------------------------------
+
+
+def test_columns_rename_a_hub_style_schema(tmp_path):
+    from riemannlora.bench.userdata import parse_columns
+
+    rows = [{"utterance": r["text"], "intent": r["label"], "extra": 1} for r in _intents(40)]
+    path = _write_jsonl(tmp_path / "hub_style.jsonl", rows)
+    with pytest.raises(DataError, match="--columns"):
+        user_task(str(path))
+    task = user_task(str(path), "label=intent, text=utterance")
+    plain = user_task(str(_write_jsonl(tmp_path / "plain.jsonl", _intents(40))))
+    assert task.labels == plain.labels
+    assert [r["text"] for r in task.train] == [r["text"] for r in plain.train]
+    assert parse_columns("label=intent") == {"intent": "label"}
+    for bad, match in (
+        ("label", "NEW=OLD"),
+        ("labels=intent", "not one of"),
+        ("label=intent,text=intent", "twice"),
+    ):
+        with pytest.raises(DataError, match=match):
+            parse_columns(bad)
+    with pytest.raises(DataError, match="no column 'topic'"):
+        user_task(str(path), "label=topic")
+    clash = _write_jsonl(tmp_path / "clash.jsonl", [{**r, "label": "x"} for r in rows])
+    with pytest.raises(DataError, match="overwrite"):
+        user_task(str(clash), "label=intent")
+
+
+def test_columns_flag_through_the_cli(tmp_path, capsys):
+    rows = [{"utterance": r["text"], "intent": r["label"]} for r in _intents(40)]
+    path = _write_jsonl(tmp_path / "d.jsonl", rows)
+    parser = cli.build_parser()
+    args = parser.parse_args(
+        ["bench", "--data", str(path), "--columns", "label=intent,text=utterance"]
+    )
+    plan = cli._plan(args.parser, args)
+    assert plan.base.columns == "label=intent,text=utterance" and plan.base.task == "custom"
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--data", str(path), "--columns", "label=nope", "--out", str(out)])
+    assert exc.value.code == 2 and "no column 'nope'" in capsys.readouterr().err
+    assert not out.exists()

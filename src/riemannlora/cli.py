@@ -19,7 +19,7 @@ from typing import Any
 
 __all__ = ["build_parser", "main"]
 
-PRESETS = ("default", "quick", "full")
+PRESETS = ("default", "quick", "full", "gpu")
 #: The task of a plain ``riemannlora bench`` (chosen by measurement: README).
 DEFAULT_TASK = "clinc150"
 
@@ -45,6 +45,9 @@ Presets (explicit flags override them):
            best lr; seeds 1 and 2 at the selected lr; and every method at adamw's selected lr
            for all seeds (matched lr). The report gives paired per-seed differences against
            adamw with bootstrap 95% intervals (hours on a CPU, or use --device cuda)
+
+  gpu      the default methods with larger runs for a GPU (--device cuda): more steps,
+           bigger batches and evaluations, the base model in bfloat16
 
 Data: the built-in tasks read real data sets embedded in the package (nothing is
 downloaded). --data PATH_OR_HUB_ID compares the optimizers on your data instead: a .jsonl /
@@ -131,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         help="your data instead of a built-in task: a .jsonl/.csv/.parquet file, a folder of "
         "them, or a hub id (see above)",
+    )
+    bench.add_argument(
+        "--columns",
+        metavar="NEW=OLD,...",
+        help="--data: rename your columns to text/label/prompt/completion/messages, e.g. "
+        "label=intent",
+    )
+    bench.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="dtype of the base model's weights (LoRA factors stay float32; default float32, "
+        "bfloat16 for --preset gpu)",
     )
     bench.add_argument(
         "--scoring",
@@ -363,10 +378,12 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
     preset = _resolve_preset(parser, args)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available in this torch build / machine")
+    if args.columns and not args.data:
+        parser.error("--columns renames the columns of --data; give --data too")
     if args.data and args.task:
         parser.error("--data and --task exclude each other: --data replaces the built-in task")
     try:
-        workload = get_workload(args.task or DEFAULT_TASK, args.data or "")
+        workload = get_workload(args.task or DEFAULT_TASK, args.data or "", args.columns or "")
         data_hash = data_fingerprint(workload.task()) if args.data else ""
     except DataError as exc:
         parser.error(f"--data: {exc}")
@@ -390,19 +407,26 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
     for name in (*sizes, "rank"):
         if getattr(args, name, None) is not None:
             sizes[name] = getattr(args, name)
-    base = RunConfig(
-        task=workload.name,
-        model=canonical_model_id(args.model or workload.model_for(preset)),
-        method=methods[0],
-        lr=lrs[methods[0]][0],
-        seed=seeds[0],
-        device=args.device,
-        data=args.data or "",
-        data_hash=data_hash,
-        scoring=args.scoring,
-        head_lr=args.head_lr,
-        **sizes,
-    )
+    try:
+        base = RunConfig(
+            task=workload.name,
+            model=canonical_model_id(args.model or workload.model_for(preset)),
+            method=methods[0],
+            lr=lrs[methods[0]][0],
+            seed=seeds[0],
+            device=args.device,
+            data=args.data or "",
+            data_hash=data_hash,
+            scoring=args.scoring,
+            head_lr=args.head_lr,
+            columns=args.columns or "",
+            dtype=args.dtype
+            or ("bfloat16" if preset == "gpu" and workload.kind != "diffusion" else "float32"),
+            **sizes,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+
     refine = args.refine if args.refine is not None else preset == "full"
     if args.matched is None:
         matched = "adamw" if preset == "full" and "adamw" in methods else None
@@ -459,7 +483,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except AssetNotFoundError as exc:
         print(f"riemannlora bench: error: {exc}", file=sys.stderr)
         return 2
-    metrics = get_workload(base.task, base.data).table_metrics()
+    metrics = get_workload(base.task, base.data, base.columns).table_metrics()
     results = {
         "bench_version": BENCH_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -78,6 +78,12 @@ __all__ = [
 BENCH_VERSION = 2  # 2: the embedded real-data tasks (BIG-bench is gone)
 
 
+#: Training dtypes of the model's base weights (``bfloat16``: the GPU preset).
+DTYPES = ("float32", "bfloat16")
+#: Fields added to :class:`RunConfig` after version 2's runs were cached, with their defaults.
+LATER_FIELDS: dict[str, Any] = {"columns": "", "dtype": "float32"}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that determines one training run (all of it goes into the cache key).
@@ -86,7 +92,9 @@ class RunConfig:
     run is reused whatever ``--threads`` was (each record keeps its own in ``env``).
     ``task="custom"`` runs on a user's data set: ``data`` is its source (``--data``) and
     ``data_hash`` a fingerprint of its rows, so a changed file is trained anew. ``scoring``:
-    how commonsense answers are scored (``"likelihood"`` or ``"generate"``). ``head_lr``: the
+    how commonsense answers are scored (``"likelihood"`` or ``"generate"``). ``columns``:
+    renames of the user's columns (``"label=intent,text=utterance"``). ``dtype``: of the base
+    model's weights (``"bfloat16"``: PEFT keeps the LoRA factors in float32). ``head_lr``: the
     parameters outside the LoRA pairs (a new classifier head) are trained by ``AdamW(head_lr)``
     for every method (:func:`riemannlora.bench.methods.build_optimizer`); ``None``: by each
     method as it comes (most at the swept lr).
@@ -110,6 +118,8 @@ class RunConfig:
     data_hash: str = ""
     scoring: str = "likelihood"
     head_lr: float | None = None
+    columns: str = ""
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.task == "custom":
@@ -125,6 +135,12 @@ class RunConfig:
             and self.head_lr > 0
         ):
             raise ValueError(f"head_lr must be a finite number > 0 or None, got {self.head_lr!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype != "float32" and self.task == "diffusion":
+            raise ValueError("the diffusion task trains in float32 only")
+        if self.columns and self.task != "custom":
+            raise ValueError(f"columns are only for task 'custom', not {self.task!r}")
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if self.method not in METHODS:
@@ -135,9 +151,19 @@ class RunConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
+    def identity(self) -> dict[str, Any]:
+        """The fields that identify the run: all of them, except those added after the runs of
+        this :data:`BENCH_VERSION` were first cached while they hold their default
+        (:data:`LATER_FIELDS`), so that those runs stay valid."""
+        fields = dataclasses.asdict(self)
+        for name, default in LATER_FIELDS.items():
+            if fields.get(name) == default:
+                fields.pop(name)
+        return fields
+
     def key(self) -> str:
-        """File-name-safe cache key: readable prefix + hash of all fields and the version."""
-        fields = {**dataclasses.asdict(self), "version": BENCH_VERSION}
+        """File-name-safe cache key: readable prefix + hash of the identity and the version."""
+        fields = {**self.identity(), "version": BENCH_VERSION}
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
         return f"{self.task}_{self.method}_lr{self.lr:.3g}_s{self.seed}_{digest}"
 
@@ -231,10 +257,10 @@ def _train_loop(
 def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Run ``cfg`` and return its record (JSON-ready; non-finite numbers become ``None``)."""
     start = time.perf_counter()
-    workload, method = get_workload(cfg.task, cfg.data), get_method(cfg.method)
+    workload, method = get_workload(cfg.task, cfg.data, cfg.columns), get_method(cfg.method)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)  # the new classifier head and PEFT's lora_A init
-    base, tokenizer = load_base(workload, cfg.model, cfg.device)
+    base, tokenizer = load_base(workload, cfg.model, cfg.device, getattr(torch, cfg.dtype))
     batches = train_batches(
         workload,
         tokenizer,
@@ -325,7 +351,13 @@ class RunCache:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
-        if record.get("config") != dataclasses.asdict(cfg):
+        stored = record.get("config")
+        if not isinstance(stored, dict):
+            return None
+        stored = {
+            k: v for k, v in stored.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])
+        }
+        if stored != cfg.identity():
             return None
         return record
 

@@ -14,6 +14,9 @@ The data come through :func:`riemannlora.bench.data.load_source` (a local ``.jso
   with the tokenizer's chat template and its generation prompt, are the prompt; the last
   turn's content is the completion.
 
+Other column names: ``columns="label=intent"`` (``--columns``) renames the data's ``intent``
+column to ``label`` first, so a hub data set such as ``clinc_oos:plus`` fits as it is.
+
 Split rule: a ``train`` split is required. ``validation`` (for the eval-loss curve and lr
 selection) and ``test`` (for the final metrics) are used when present; when only one of them is,
 it serves as both. When neither is (a single file), the training rows are shuffled with seed 0
@@ -34,11 +37,12 @@ from typing import Any
 from riemannlora.bench.data import DataError, load_source
 from riemannlora.bench.tasks import SPLITS, TaskData
 
-__all__ = ["HOLDOUT_FRACTION", "data_fingerprint", "user_task"]
+__all__ = ["HOLDOUT_FRACTION", "data_fingerprint", "parse_columns", "user_task"]
 
 HOLDOUT_FRACTION = 0.1
 _HOLDOUT_MIN, _HOLDOUT_MAX = 2, 2000
 _SCHEMAS = "text + label (classification), prompt + completion, or messages (causal LM)"
+_EXPECTED = ("text", "label", "prompt", "completion", "messages")
 
 
 def _kind(columns: list[str], where: str) -> str:
@@ -60,7 +64,8 @@ def _kind(columns: list[str], where: str) -> str:
         missing.append("prompt")
     hint = f"missing column {', '.join(missing)!s}; " if missing else ""
     raise DataError(
-        f"{where}: {hint}found columns {sorted(cols)}, expected {_SCHEMAS}; rename the columns"
+        f"{where}: {hint}found columns {sorted(cols)}, expected {_SCHEMAS}; rename them in the "
+        "file or with --columns NEW=OLD (e.g. --columns label=intent)"
     )
 
 
@@ -154,11 +159,46 @@ def _labels(splits: dict[str, list[dict[str, Any]]], spec: str) -> tuple[str, ..
     return tuple(str(n) for n in ordered)
 
 
-def user_task(spec: str) -> TaskData:
+def parse_columns(text: str) -> dict[str, str]:
+    """``"label=intent,text=utterance"`` -> ``{"intent": "label", "utterance": "text"}`` (the
+    data's column -> the name this module expects); ``DataError`` on a malformed spec."""
+    renames: dict[str, str] = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        new, sep, old = (part.strip() for part in item.partition("="))
+        if not sep or not new or not old:
+            raise DataError(f"columns: {item!r} is not NEW=OLD (e.g. label=intent)")
+        if new not in _EXPECTED:
+            raise DataError(f"columns: {new!r} is not one of {', '.join(_EXPECTED)}")
+        if old in renames:
+            raise DataError(f"columns: {old!r} is renamed twice")
+        renames[old] = new
+    return renames
+
+
+def _rename(data: Any, renames: dict[str, str], spec: str) -> Any:
+    if not renames:
+        return data
+    for split, ds in data.items():
+        missing = [old for old in renames if old not in ds.column_names]
+        if missing:
+            raise DataError(
+                f"{spec} [{split}]: no column {', '.join(map(repr, missing))} to rename "
+                f"(columns: {ds.column_names})"
+            )
+    clash = set(renames.values()) & (set(next(iter(data.values())).column_names) - set(renames))
+    if clash:
+        raise DataError(f"{spec}: renaming would overwrite the existing column(s) {sorted(clash)}")
+    return data.rename_columns(renames)
+
+
+def user_task(spec: str, columns: str = "") -> TaskData:
     """The :class:`TaskData` of a user's data set (see the module docstring); ``kind`` is
     ``"classification"`` or ``"causal"`` (chat rows keep a ``messages`` list instead of
-    ``prompt`` / ``completion``, rendered by :func:`riemannlora.bench.tasks.tokenize_rows`)."""
-    data = load_source(spec)
+    ``prompt`` / ``completion``, rendered by :func:`riemannlora.bench.tasks.tokenize_rows`).
+    ``columns`` renames the data's columns first (:func:`parse_columns`), e.g. for a hub data
+    set whose label column is called ``intent``."""
+    renames = parse_columns(columns)
+    data = _rename(load_source(spec), renames, spec)
     columns = (
         data["train"].column_names if "train" in data else next(iter(data.values())).column_names
     )

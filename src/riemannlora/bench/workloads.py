@@ -104,10 +104,12 @@ class Workload:
     metrics: tuple[str, ...] = ()  # every final metric of the table (default: (metric,))
     quick_model: str | None = None  # model of the quick preset (default: default_model)
     data: str = ""
+    columns: str = ""
 
     def settings(self, preset: str) -> dict[str, int]:
-        """Sizes of ``preset`` (``"full"`` uses the default sizes)."""
-        return dict(self.presets["quick" if preset == "quick" else "default"])
+        """Sizes of ``preset`` (``"full"`` uses the default sizes, ``"gpu"`` its own where the
+        workload has them)."""
+        return dict(self.presets.get(preset, self.presets["default"]))
 
     def model_for(self, preset: str) -> str:
         """The default model of ``preset``."""
@@ -119,7 +121,9 @@ class Workload:
 
     def task(self) -> TaskData:
         """The task's data (built-in or the user's), read once per process."""
-        return _user_task(self.data) if self.name == "custom" else task_data(self.name)
+        return (
+            _user_task(self.data, self.columns) if self.name == "custom" else task_data(self.name)
+        )
 
 
 def _sizes(steps: int, batch: int, every: int, evals: int, final: int, length: int, new: int):
@@ -137,6 +141,7 @@ def _sizes(steps: int, batch: int, every: int, evals: int, final: int, length: i
 _CLASSIFIER_PRESETS = {
     "default": _sizes(300, 16, 50, 512, 1500, 32, 0),
     "quick": _sizes(12, 16, 4, 32, 64, 32, 0),
+    "gpu": _sizes(1000, 32, 100, 3000, 5500, 32, 0),
 }
 _CLINC = Workload(
     name="clinc150",
@@ -159,6 +164,7 @@ _E2E = Workload(
     presets={
         "default": _sizes(150, 8, 25, 64, 40, 128, 48),
         "quick": _sizes(4, 8, 2, 8, 4, 128, 16),
+        "gpu": _sizes(800, 16, 100, 467, 630, 128, 64),
     },
     eval_batch_size=16,
 )
@@ -171,6 +177,7 @@ _COMMONSENSE = Workload(
     presets={
         "default": _sizes(150, 8, 25, 64, 50, 256, 12),
         "quick": _sizes(4, 8, 2, 8, 2, 256, 12),
+        "gpu": _sizes(1500, 16, 100, 500, 500, 256, 12),
     },
     eval_batch_size=16,
 )
@@ -183,6 +190,7 @@ _GSM8K = Workload(
     presets={
         "default": _sizes(150, 8, 25, 64, 40, 384, 192),
         "quick": _sizes(4, 4, 2, 8, 2, 384, 24),
+        "gpu": _sizes(1500, 16, 100, 500, 1319, 384, 256),
     },
     eval_batch_size=8,
 )
@@ -209,27 +217,27 @@ WORKLOADS: dict[str, Workload] = {
 
 
 @functools.lru_cache(maxsize=4)
-def _user_task_at(data: str, stamp: tuple) -> TaskData:
+def _user_task_at(data: str, columns: str, stamp: tuple) -> TaskData:
     from riemannlora.bench.userdata import user_task
 
-    return user_task(data)
+    return user_task(data, columns)
 
 
-def _user_task(data: str) -> TaskData:
+def _user_task(data: str, columns: str = "") -> TaskData:
     """A user's task, read again when its files changed (size or modification time)."""
     from riemannlora.bench.data import source_stamp
 
-    return _user_task_at(data, source_stamp(data))
+    return _user_task_at(data, columns, source_stamp(data))
 
 
-def get_workload(task: str, data: str = "") -> Workload:
+def get_workload(task: str, data: str = "", columns: str = "") -> Workload:
     """The workload of a built-in ``task``, or (``data`` given) of a user's data set: its kind
     (classification or causal LM) comes from the data's columns. Raises ``ValueError`` for an
     unknown task and :class:`riemannlora.bench.data.DataError` for bad data."""
     if data:
-        kind = _user_task(data).kind
+        kind = _user_task(data, columns).kind
         if kind == "classification":
-            return dataclasses.replace(_CLINC, name="custom", data=data)
+            return dataclasses.replace(_CLINC, name="custom", data=data, columns=columns)
         return Workload(
             name="custom",
             kind="causal",
@@ -241,6 +249,7 @@ def get_workload(task: str, data: str = "") -> Workload:
             },
             eval_batch_size=16,
             data=data,
+            columns=columns,
         )
     if task not in WORKLOADS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(WORKLOADS)}")
@@ -252,8 +261,10 @@ def get_workload(task: str, data: str = "") -> Workload:
 # --------------------------------------------------------------------------------------------
 
 
-def load_base(workload: Workload, model: str, device: str) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)``: the pretrained model (float32, eval mode) on ``device``. For
+def load_base(
+    workload: Workload, model: str, device: str, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)``: the pretrained model (``dtype``, eval mode) on ``device``. For
     ``diffusion``: a :class:`riemannlora.diffusion.DenoisingLoss` around the pretrained UNet
     and, in place of the tokenizer, its :class:`riemannlora.diffusion.DreamBoothData`."""
     if workload.kind == "diffusion":
@@ -263,8 +274,8 @@ def load_base(workload: Workload, model: str, device: str) -> tuple[nn.Module, A
         return DenoisingLoss(base.unet).to(device).eval(), DreamBoothData(base)
     if workload.kind == "classification":
         labels = workload.task().labels
-        return load_sequence_classifier(model, num_labels=len(labels), device=device)
-    return load_causal_lm(model, device=device)
+        return load_sequence_classifier(model, len(labels), dtype=dtype, device=device)
+    return load_causal_lm(model, dtype=dtype, device=device)
 
 
 def lora_target_names(model: nn.Module) -> list[str]:
