@@ -27,7 +27,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import riemannlora as rl
-    import riemannlora.geometry as geometry
+    import riemannlora.core.geometry as geometry
+    import riemannlora.core.manifold_step as core_step
     import riemannlora.optim.riemannion as riemannion
 
     spent: dict[str, float] = collections.defaultdict(float)
@@ -47,8 +48,9 @@ def main() -> None:
 
     for name in ("_plan", "_stack_group", "_cached_grouping", "_structured_group"):
         wrap(riemannion._ManifoldOptimizer, name)
-    for name in ("_structured_step", "_retract_qr_", "msign_tangent_qr", "_tangent_qr_parts_"):
-        wrap(riemannion, name)
+    wrap(riemannion, "structured_step")
+    for name in ("retract_qr_", "msign_tangent_qr", "tangent_qr_parts_"):
+        wrap(core_step, name)
     for name in ("retraction_core", "_cholesky_qr"):
         wrap(geometry, name)
     model, tok = build(8, "cpu")

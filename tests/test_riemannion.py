@@ -533,7 +533,7 @@ def test_float32_optimizer_step_matches_literal_float64(opt_cls, kw):
 def test_optimizer_householder_fallback_matches_literal_float64(monkeypatch):
     """Every Cholesky-QR refused (the branch of degenerate steps): the retraction's
     Householder results are written back to the parameters just as well."""
-    import riemannlora.geometry as geo
+    import riemannlora.core.geometry as geo
 
     monkeypatch.setattr(geo, "_cholesky_factors", lambda gram: None)
     _check_optimizer_against_literal(rl.Riemannion, {"weight_decay": 0.1})

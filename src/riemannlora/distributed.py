@@ -81,7 +81,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from riemannlora.preconditioner import precondition_pairs
+from riemannlora.core.manifold_step import manifold_step
+from riemannlora.core.preconditioner import precondition_pairs
 
 __all__ = [
     "ShardedManifoldGroup",
@@ -197,7 +198,7 @@ def gather_rows(shards: list[Tensor], shapes: list[torch.Size], group: Any) -> l
 
 def all_reduce_sum(group: Any) -> Callable[[list[Tensor]], None]:
     """A callback summing a list of tensors in place over ``group`` with ONE all-reduce (the
-    ``reduce_gram_b`` of :func:`~riemannlora.preconditioner.precondition_pairs`)."""
+    ``reduce_gram_b`` of :func:`~riemannlora.core.preconditioner.precondition_pairs`)."""
 
     def reduce(grams: list[Tensor]) -> None:
         dtype = grams[0].dtype
@@ -223,7 +224,7 @@ def precondition_local(
     scale_aware: bool,
     gram_dtype: torch.dtype | None = None,
 ) -> tuple[list[Tensor | None], list[Tensor | None]]:
-    """:func:`~riemannlora.preconditioner.precondition_pairs` for factors that may be DTensors.
+    """:func:`~riemannlora.core.preconditioner.precondition_pairs` for factors that may be DTensors.
 
     Returns the local shard of every ``D`` (plain tensors). Pairs of plain tensors take the
     single-process path; row-sharded pairs are grouped by process group and preconditioned
@@ -318,7 +319,7 @@ class ShardedManifoldGroup:
 
     ``A``: the ``lora_A`` weights ``[Q | V | -V0]^T`` ``(w, n)``; ``B``: the ``lora_B`` weights
     ``[Z1 | U | U0]`` ``(m, w)``; ``rank``: r; ``kw``: the keyword arguments of
-    :func:`riemannlora.optim.riemannion.manifold_step` (lr, weight_decay, momentum, dampening,
+    :func:`riemannlora.core.manifold_step.manifold_step` (lr, weight_decay, momentum, dampening,
     nesterov, orthogonalize, store_orthogonalized); ``Pm`` ``(L, m_k, 2r)``: this rank's rows
     of the previous momentum's left factors, ``Rmt`` ``(L, 2r, n)``: its right factors,
     transposed (whole on every rank); None: no momentum yet. After the step ``P_out``,
@@ -365,7 +366,7 @@ def manifold_step_sharded(groups: Sequence[ShardedManifoldGroup], group: Any) ->
     Every collective is batched over all groups; see the module docstring for the schedule and
     its communication volume.
     """
-    from riemannlora.geometry import (
+    from riemannlora.core.geometry import (
         TangentQR,
         _cholesky_factors,
         _cholesky_qr,
@@ -374,7 +375,6 @@ def manifold_step_sharded(groups: Sequence[ShardedManifoldGroup], group: Any) ->
         retraction_core,
         tangent_qr_to_factors,
     )
-    from riemannlora.optim.riemannion import manifold_step
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
 

@@ -285,7 +285,7 @@ def load_exported_adapter(
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from riemannlora.geometry import orthonormal_basis
+    from riemannlora.core.geometry import orthonormal_basis
     from riemannlora.manifold import ManifoldLayer, lora_targets, to_manifold
 
     path = pathlib.Path(path)

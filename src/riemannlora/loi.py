@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from riemannlora.geometry import compute_dtype, orthonormal_basis, qr_positive
+from riemannlora.core.geometry import compute_dtype, orthonormal_basis, qr_positive
 from riemannlora.manifold import (
     group_indices,
     install,

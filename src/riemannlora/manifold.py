@@ -17,7 +17,7 @@ model's without touching the base weight. A plain ``loss.backward()`` then yield
 
     lora_B.weight.grad[:, :r] = G Q,         lora_A.weight.grad[r:2r].T = G^T U,
 
-the two products the Riemannian gradient needs (:func:`riemannlora.geometry.riemannian_gradient`).
+the two products the Riemannian gradient needs (:func:`riemannlora.core.geometry.riemannian_gradient`).
 The other blocks' gradients are computed by autograd and ignored by the Riemannian optimizers.
 The base weights are never modified.
 
@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from riemannlora.geometry import orthonormal_basis, qr_positive
+from riemannlora.core.geometry import orthonormal_basis, qr_positive
 
 __all__ = ["MANIFOLD_ATTR", "ManifoldLayer", "manifold_layers", "to_manifold"]
 

@@ -15,8 +15,8 @@ trajectory of X does not depend on how it is factored. One step for one layer, w
 with ``tau = 0`` for Riemannion and ``tau = beta`` for Riemannian SGD (which skips the msign).
 All tangent vectors are kept in factor form ``dU Q^T + U dV^T`` (never an ``m x n`` matrix);
 the small QR/SVDs run in float32 or better and are batched over layers of equal shape, by the
-structured path of :func:`manifold_step` (:func:`riemannlora.geometry.tangent_qr`,
-:func:`~riemannlora.geometry.msign_tangent_qr`, :func:`~riemannlora.geometry.retract_qr`;
+structured path of :func:`manifold_step` (:func:`riemannlora.core.geometry.tangent_qr`,
+:func:`~riemannlora.core.geometry.msign_tangent_qr`, :func:`~riemannlora.core.geometry.retract_qr`;
 same results as the literal formulas up to round-off). Per group of equal-shape layers a step
 gathers the gradient blocks (before the non-finite check) into buffers kept across steps, every
 tall matrix transposed (``(L, r, rows)``, the layout in which MKL's thin products are
@@ -32,7 +32,7 @@ same arithmetic; their ``state_dict`` entries are standalone contiguous copies e
 
 The momentum ``M`` (a tangent vector at the point of the step that made it) is kept in the
 bases of that step's direction, ``M = Lb core Rb^T`` with ``Lb = [Qd | U_old]`` ``(m, 2r)`` and
-``Rb = [Q_old | Qv]`` ``(n, 2r)`` orthonormal and a ``2r x 2r`` core (see :class:`_Momentum`).
+``Rb = [Q_old | Qv]`` ``(n, 2r)`` orthonormal and a ``2r x 2r`` core (see :class:`Momentum`).
 The new point lies in their span, ``U = Lb cu``, ``Q = Rb cq``, with ``cu``, ``cq`` known from
 the retraction's small matrices, so the next step transports M by projection with no product
 between a tall matrix and another: ``(I - U U^T) M Q = Lb ((I - cu cu^T) core cq)`` and
@@ -62,7 +62,6 @@ momentum and leaves the point exactly as it is.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -73,33 +72,24 @@ import torch
 from torch import Tensor, nn
 
 from riemannlora import distributed
-from riemannlora.geometry import (
-    _cast,
-    _retract_qr_,
-    _tangent_qr_parts_,
-    compute_dtype,
-    msign_tangent,
-    msign_tangent_qr,
-    orthonormal_basis,
-    project_tangent,
-    retract,
-    riemannian_gradient,
-    tangent_core,
-    tangent_to_factors,
-    transport,
+from riemannlora.core.geometry import compute_dtype
+from riemannlora.core.manifold_step import (
+    SCALE_LR_CHOICES,
+    Momentum,
+    kept_in_bases,
+    lr_multiplier,
+    manifold_step,
+    structured_shape,
+    structured_step,
 )
 from riemannlora.manifold import ManifoldLayer, group_indices, to_manifold
 from riemannlora.optim.functional import adamw_from_group
 from riemannlora.optim.guard import NonFiniteGuard
-from riemannlora.optim.scaled import _check_number
-from riemannlora.optim.validation import check_state_dict_header
+from riemannlora.optim.validation import check_number, check_state_dict_header
 
 __all__ = ["SCALE_LR_CHOICES", "RiemannianSGD", "Riemannion", "lr_multiplier", "manifold_step"]
 
-#: Accepted values of ``Riemannion(scale_lr=...)``.
-SCALE_LR_CHOICES = (None, "match_adamw")
-
-#: the per-layer momentum state of the manifold optimizers (see :class:`_Momentum`):
+#: the per-layer momentum state of the manifold optimizers (see :class:`Momentum`):
 #: ``momentum_left`` ``(m, 2r)``, ``momentum_core`` ``(2r, 2r)`` (optional, identity when absent)
 #: and ``transport_left`` ``(2r, r)`` (optional) on ``lora_B``; ``momentum_right`` ``(n, 2r)``
 #: and ``transport_right`` ``(2r, r)`` (optional) on ``lora_A``
@@ -112,342 +102,6 @@ _MOMENTUM_KEYS = (
 )
 #: keys of a manifold param group that only Riemannion has (tells its state from RiemannianSGD's)
 _CLASS_KEYS = ("store_orthogonalized", "scale_lr")
-
-
-def lr_multiplier(scale_lr: str | None, m: int, n: int) -> float:
-    """Learning-rate multiplier of a ``(m, n)`` layer: 1, or ``0.2 sqrt(max(m, n))`` for
-    ``"match_adamw"`` (Moonlight's rule, which gives the update the RMS of an AdamW update)."""
-    if scale_lr is None:
-        return 1.0
-    if scale_lr == "match_adamw":
-        return 0.2 * math.sqrt(max(m, n))
-    raise ValueError(f"scale_lr must be one of {SCALE_LR_CHOICES}, got {scale_lr!r}")
-
-
-def manifold_step(
-    U: Tensor,
-    V: Tensor,
-    Q: Tensor,
-    GQ: Tensor,
-    GtU: Tensor,
-    Pm: Tensor | None,
-    Rm: Tensor | None,
-    *,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    dampening: float = 0.0,
-    nesterov: bool = False,
-    orthogonalize: bool = True,
-    store_orthogonalized: bool = False,
-    structured: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    """One Riemannion / Riemannian-SGD step for a stack of layers of equal shape.
-
-    Args:
-        U ``(..., m, r)``: orthonormal left factor; V ``(..., n, r)``: right factor;
-        Q ``(..., n, r)``: the row basis the forward pass used.
-        GQ ``(..., m, r)``, GtU ``(..., n, r)``: ``G Q`` and ``G^T U`` from the backward pass.
-        Pm ``(..., m, 2r)``, Rm ``(..., n, 2r)``: momentum ``Pm Rm^T`` of the previous step
-            (None: zero momentum).
-        lr: step size; weight_decay: decoupled, ``X <- X - lr (D + weight_decay X)``.
-        momentum: beta in ``[0, 1)``; dampening: tau, the new gradient enters as
-            ``(1 - tau) xi_g`` (0 for Riemannion, beta for Riemannian SGD).
-        nesterov: use ``beta M + (1 - tau) xi_g`` instead of ``M``.
-        orthogonalize: apply ``P_X(msign(.))`` (Riemannion) or not (SGD).
-        store_orthogonalized: store the orthogonalized direction as momentum instead of M.
-        structured: use the structure of a stored point (orthonormal U and Q, V in
-            ``span(Q)``; the directions built here are tangent): the direction is factored by
-            :func:`~riemannlora.geometry.tangent_qr` (two QRs of width r),
-            orthogonalized and projected by :func:`~riemannlora.geometry.msign_tangent_qr`
-            (one ``2r x 2r`` SVD, no tall product) and retracted by
-            :func:`~riemannlora.geometry.retract_qr` (no QR of width 2r). Same result up to
-            rounding as the literal formulas of the spec (``structured=False``:
-            :func:`~riemannlora.geometry.msign_tangent`,
-            :func:`~riemannlora.geometry.project_tangent`,
-            :func:`~riemannlora.geometry.retract`, which also accept a non-orthonormal point).
-            With ``2r > min(m, n)`` the literal formulas are used.
-
-    Returns:
-        ``(U_new, V_new, Q_new, Pm_new, Rm_new)`` in the compute dtype; the momentum factors are
-        None when ``momentum == 0``.
-    """
-    U, V, Q, GQ, GtU = _cast(U, V, Q, GQ, GtU)
-    m, r = U.shape[-2:]
-    n = V.shape[-2]
-    kw = {
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "momentum": momentum,
-        "dampening": dampening,
-        "nesterov": nesterov,
-        "orthogonalize": orthogonalize,
-        "store_orthogonalized": store_orthogonalized,
-    }
-    if not structured or not _structured_shape(m, n, r):
-        return _literal_step(U, V, Q, GQ, GtU, Pm, Rm, **kw)
-    batch = U.shape[:-2]
-
-    def flat(t: Tensor) -> Tensor:
-        return t.reshape(-1, *t.shape[-2:])
-
-    # owned buffers in the layout _structured_step works in (it overwrites them)
-    def wide(t: Tensor) -> Tensor:
-        return t.mT.reshape(-1, *t.shape[-1:], t.shape[-2]).clone(
-            memory_format=torch.contiguous_format
-        )
-
-    Ut, Qt, Vt, GQt, GtUt = wide(U), wide(Q), wide(V), wide(GQ), wide(GtU)
-    L = Ut.shape[0]
-    mom = out_mom = None
-    if momentum:
-        if Pm is not None and Rm is not None:
-            Pm, Rm = _cast(Pm, Rm)
-            mom = _Momentum(flat(Pm.mT), flat(Rm.mT))
-        out_mom = _Momentum.empty(Ut, L, r, m, n)
-    U_new, V_new, Q_new, _ = _structured_step(Ut, Qt, Vt, GQt, GtUt, mom, out_mom, **kw)
-    out = [U_new.reshape(*batch, m, r), V_new.reshape(*batch, n, r), Q_new.reshape(*batch, n, r)]
-    if out_mom is None:
-        return out[0], out[1], out[2], None, None
-    # the plain factor pair: M = Lb core Rb^T = Lb (Rb core^T)^T
-    assert out_mom.core is not None
-    Rm_new = (out_mom.core @ out_mom.Rt).mT
-    return (
-        out[0],
-        out[1],
-        out[2],
-        out_mom.Pt.mT.reshape(*batch, m, 2 * r),
-        Rm_new.reshape(*batch, n, 2 * r),
-    )
-
-
-def _literal_step(
-    U: Tensor,
-    V: Tensor,
-    Q: Tensor,
-    GQ: Tensor,
-    GtU: Tensor,
-    Pm: Tensor | None,
-    Rm: Tensor | None,
-    *,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    orthogonalize: bool,
-    store_orthogonalized: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    """:func:`manifold_step` by the spec's formulas, term by term."""
-    dU_g, dV_g = riemannian_gradient(U, GQ, GtU)
-    g = 1.0 - dampening
-    if momentum:
-        if Pm is None or Rm is None:
-            dU, dV = g * dU_g, g * dV_g
-        else:
-            dU_p, dV_p = transport(U, Q, Pm, Rm)
-            dU, dV = momentum * dU_p + g * dU_g, momentum * dV_p + g * dV_g
-        if nesterov:
-            uU, uV = momentum * dU + g * dU_g, momentum * dV + g * dV_g
-        else:
-            uU, uV = dU, dV
-    else:
-        dU, dV = uU, uV = dU_g, dV_g
-    if orthogonalize:
-        O_L, O_R = msign_tangent(U, Q, uU, uV)
-        oU, oV = project_tangent(U, Q, O_L, O_R)
-    else:
-        oU, oV = uU, uV
-    U_new, V_new = retract(U, V, Q, oU, oV, lr, weight_decay)
-    Q_new = orthonormal_basis(V_new)
-    if not momentum:
-        return U_new, V_new, Q_new, None, None
-    mU, mV = (oU, oV) if store_orthogonalized else (dU, dV)
-    Pm_new, Rm_new = tangent_to_factors(U, Q, mU, mV)
-    return U_new, V_new, Q_new, Pm_new, Rm_new
-
-
-@dataclass(eq=False)
-class _Momentum:
-    """The momentum of a stack of ``L`` layers of equal shape, ``M = Lb core Rb^T`` per layer,
-    in the wide layout of :func:`_structured_step`: ``Pt = Lb^T`` ``(L, 2r, m)``,
-    ``Rt = Rb^T`` ``(L, 2r, n)`` contiguous, ``core`` ``(L, 2r, 2r)`` (None: the identity, i.e.
-    the factor pair ``M = Lb Rb^T``).
-
-    The step stores its momentum in orthonormal bases, ``Lb = [Qd | U]`` and
-    ``Rb = [Q | Qv]`` (the bases of its direction, :class:`~riemannlora.geometry.TangentQR`),
-    and the new point lies in their span. ``cu = Lb^T U`` and ``cq = Rb^T Q`` ``(L, 2r, r)``
-    are then the coordinates of the point in the bases, known from the retraction's small
-    matrices; with them (``in_span``: ``U = Lb cu``, ``Q = Rb cq``) transporting the momentum
-    to the point takes no product with a tall matrix. None: not known (they are computed,
-    ``in_span=False``)."""
-
-    Pt: Tensor
-    Rt: Tensor
-    core: Tensor | None = None
-    cu: Tensor | None = None
-    cq: Tensor | None = None
-    in_span: bool = False
-
-    @staticmethod
-    def empty(like: Tensor, L: int, r: int, m: int, n: int) -> _Momentum:
-        """Buffers for a new momentum (bases and core), in ``like``'s dtype and device."""
-        return _Momentum(
-            like.new_empty(L, 2 * r, m),
-            like.new_empty(L, 2 * r, n),
-            like.new_empty(L, 2 * r, 2 * r),
-        )
-
-    def transport(self, Ut: Tensor, Qt: Tensor) -> tuple[Tensor, Tensor]:
-        """``(Lb^T U, Rb^T Q)`` by products with the tall bases (computed transposed: MKL's
-        batched ``(r x k) (k x 2r)`` product runs about 1.5x faster than the
-        ``(2r x k) (k x r)`` one)."""
-        return (Ut @ self.Pt.mT).mT, (Qt @ self.Rt.mT).mT
-
-
-def _structured_step(
-    Ut: Tensor,
-    Qt: Tensor,
-    Vt: Tensor,
-    GQt: Tensor,
-    GtUt: Tensor,
-    mom: _Momentum | None,
-    out: _Momentum | None,
-    *,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    orthogonalize: bool,
-    store_orthogonalized: bool,
-    scratch: Tensor | None = None,
-    packed: tuple[Tensor, Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
-    """The structured step on stacked ``(L, ., .)`` buffers in the compute dtype, every tall
-    matrix transposed ("wide", ``(L, r, rows)`` contiguous, i.e. column-major): MKL's products
-    with a small ``r`` run two to four times faster in that layout than on row-major tall
-    matrices, and LAPACK's QR works in it in place.
-
-    Ut ``(L, r, m)`` = U^T, GQt ``(L, r, m)`` = (G Q)^T, Qt, Vt, GtUt ``(L, r, n)`` = Q^T, V^T,
-    (G^T U)^T, all owned by the step and overwritten (Ut, Qt, Vt may be the blocks of
-    ``packed = (pa, pb, Yt)``, see :func:`~riemannlora.geometry._retract_qr_`, into which
-    the new point is then written whole); ``mom``: the previous momentum (None:
-    zero; its ``cu``, ``cq`` are computed when None). The new momentum is written into
-    ``out.Pt``, ``out.Rt`` and ``out.core`` (required when ``momentum``; they may be ``mom``'s
-    own buffers: those are read before they are written, so the optimizer updates its momentum
-    in place). ``scratch``: a contiguous buffer of Ut's shape and dtype (None: one is
-    allocated). Products written into a slice of a larger batch go through a temporary on CPU,
-    so the outputs are best contiguous (with ``packed``, whole ``pa``, ``pb`` are). Returns
-    ``(U_new, V_new, Q_new, coords)``: the new point, column-major, in the memory of Ut, Vt and
-    Qt (views of ``packed``'s buffers when given), and its coordinates ``(cu, cq)`` in the new momentum's bases (None when not known:
-    without momentum; with Nesterov, whose momentum factors ``[dU | U]``, ``[Q | dV]`` are not
-    orthonormal; after a Householder fallback of the retraction).
-
-    With the momentum ``M = Lb core Rb^T``, ``cu = Lb^T U``, ``cq = Rb^T Q``,
-    ``Z = core cq`` and ``Y = core^T cu`` (so ``M Q = Lb Z``, ``M^T U = Rb Y``), the new
-    momentum direction is
-
-        dU = g (I - U U^T) G Q + beta (I - U U^T) M Q = g G Q + beta Lb Z - U K1,
-        K1 = g U^T G Q + beta cu^T Z,
-        dV = g G^T U + beta M^T U = g G^T U + beta Rb Y,    B = Q^T dV = g Q^T G^T U + beta cq^T Y,
-
-    and its factorization needs ``W = dV - Q B``. When the point lies in the bases
-    (``mom.in_span``: ``U = Lb cu``, ``Q = Rb cq``), ``dU = g G Q + Lb (beta Z - cu K1)`` and
-    ``W = g G^T U + Rb (beta Y - cq B)``: one product with each stacked basis.
-    """
-    g = 1.0 - dampening
-    beta = momentum
-    r = Ut.shape[-2]
-    prev = mom if beta else None  # the momentum that enters
-    # where the new momentum goes: the bases of the direction (QRs below), or for Nesterov's raw
-    # momentum, which is not the direction the QRs factor, its own factor pair
-    keep = out if beta else None
-    raw_pair = not _kept_in_bases(beta, nesterov, store_orthogonalized)
-    H = Ut @ GQt.mT  # U^T G Q (r, r)
-    # Q^T G^T U: (U^T G Q)^T only up to the rounding of the two gradient blocks (bf16 models)
-    E = Qt @ GtUt.mT
-    if prev is not None:
-        cu, cq = (prev.cu, prev.cq) if prev.cu is not None else prev.transport(Ut, Qt)
-        assert cq is not None
-        Z = cq if prev.core is None else prev.core @ cq
-        Y = cu if prev.core is None else prev.core.mT @ cu
-        K1 = torch.baddbmm(H, cu.mT, Z, beta=g, alpha=beta)  # U^T (g G Q + beta M Q)
-        B = torch.baddbmm(E, cq.mT, Y, beta=g, alpha=beta)  # Q^T dV
-    else:
-        K1, B = H * g, E * g
-    if beta and nesterov:
-        # the momentum M = (dU, dV) and the direction beta M + g xi_g, which the QRs factor
-        if prev is not None:
-            dUt = torch.baddbmm(GQt, Z.mT, prev.Pt, beta=g, alpha=beta)
-            dUt.baddbmm_(K1.mT, Ut, alpha=-1.0)
-            dVt = torch.baddbmm(GtUt, Y.mT, prev.Rt, beta=g, alpha=beta)
-        else:
-            dUt = torch.baddbmm(GQt, K1.mT, Ut, beta=g, alpha=-1.0)
-            dVt = GtUt * g
-        uUt = GQt.baddbmm_(H.mT, Ut, alpha=-1.0).mul_(g).add_(dUt, alpha=beta)
-        Bu = torch.add(E * g, B, alpha=beta)  # Q^T (beta dV + g G^T U)
-        uWt = GtUt.mul_(g).add_(dVt, alpha=beta).baddbmm_(Bu.mT, Qt, alpha=-1.0)
-        if keep is not None and raw_pair:  # [dU | U], [Q | dV], identity core
-            assert keep.core is not None
-            _store_bases(keep, dUt, Ut, Qt, dVt)
-            keep.core.copy_(torch.eye(2 * r, dtype=Ut.dtype, device=Ut.device))
-        t = _tangent_qr_parts_(uUt.mT, uWt.mT, Bu)
-    else:
-        if prev is not None and prev.in_span and prev.cu is not None:
-            # U = Lb cu, Q = Rb cq: one product with each basis
-            dUt = GQt.baddbmm_(torch.baddbmm(Z, cu, K1, beta=beta, alpha=-1.0).mT, prev.Pt, beta=g)
-            Wt = GtUt.baddbmm_(torch.baddbmm(Y, cq, B, beta=beta, alpha=-1.0).mT, prev.Rt, beta=g)
-        elif prev is not None:
-            dUt = GQt.baddbmm_(Z.mT, prev.Pt, beta=g, alpha=beta).baddbmm_(K1.mT, Ut, alpha=-1.0)
-            Wt = GtUt.baddbmm_(Y.mT, prev.Rt, beta=g, alpha=beta).baddbmm_(B.mT, Qt, alpha=-1.0)
-        else:
-            dUt = GQt.baddbmm_(K1.mT, Ut, beta=g, alpha=-1.0)
-            Wt = GtUt.baddbmm_(B.mT, Qt, beta=g, alpha=-1.0)
-        t = _tangent_qr_parts_(dUt.mT, Wt.mT, B)  # Qd, Qv overwrite dU, W
-    in_bases = keep if keep is not None and not raw_pair else None
-    core = None
-    if in_bases is not None:  # bases [Qd | U], [Q | Qv]; the core of the raw direction
-        _store_bases(in_bases, t.Qd.mT, Ut, Qt, t.Qv.mT)
-        if not store_orthogonalized:
-            core = tangent_core(t, out=in_bases.core)
-    if orthogonalize:
-        t = msign_tangent_qr(t, core=core)
-    if in_bases is not None and store_orthogonalized:
-        tangent_core(t, out=in_bases.core)
-    return _retract_qr_(
-        Ut.mT,
-        Vt.mT,
-        Qt.mT,
-        t,
-        lr,
-        weight_decay,
-        scratch=scratch,
-        overwrite=True,
-        bases=None if in_bases is None else (in_bases.Pt, in_bases.Rt),
-        packed=packed,
-    )
-
-
-def _structured_shape(m: int, n: int, r: int) -> bool:
-    """Whether layers of this shape step by :func:`_structured_step` (``2r <= min(m, n)``, so
-    the bases ``[Qd | U]``, ``[Q | Qv]`` fit), when they are not sharded."""
-    return 2 * r <= min(m, n)
-
-
-def _kept_in_bases(momentum: float, nesterov: bool, store_orthogonalized: bool) -> bool:
-    """Whether a step keeps its momentum in the bases of its direction (every momentum but
-    Nesterov's raw one, which is not the direction the QRs factor)."""
-    return bool(momentum) and not (nesterov and not store_orthogonalized)
-
-
-def _store_bases(out: _Momentum, Lt1: Tensor, Ut: Tensor, Qt: Tensor, Rt2: Tensor) -> None:
-    """``out.Pt = [Lt1; U^T]``, ``out.Rt = [Q^T; Rt2]`` (stacked copies)."""
-    r = Ut.shape[-2]
-    out.Pt[:, :r].copy_(Lt1)
-    out.Pt[:, r:].copy_(Ut)
-    out.Rt[:, :r].copy_(Qt)
-    out.Rt[:, r:].copy_(Rt2)
 
 
 @dataclass(eq=False)
@@ -550,16 +204,16 @@ class _GroupPlan:
     B: list[Tensor]
     kw: dict[str, Any]
     ws: _Workspace | None = None
-    mom: _Momentum | None = None
+    mom: Momentum | None = None
     fresh: bool = True
     cached: bool = False
     cdt: torch.dtype = torch.float32
 
     @property
     def structured(self) -> bool:
-        """Stepped by :func:`_structured_step` (not sharded, ``2r <= min(m, n)``)."""
+        """Stepped by :func:`structured_step` (not sharded, ``2r <= min(m, n)``)."""
         m, n, r, pg = self.key[0], self.key[1], self.key[2], self.key[-1]
-        return pg is None and _structured_shape(m, n, r)
+        return pg is None and structured_shape(m, n, r)
 
 
 @dataclass(eq=False)
@@ -568,7 +222,7 @@ class _MomentumCache:
     per-layer views of them that ``self.state`` holds (``momentum_left``, ``momentum_right``,
     ``momentum_core``, ``transport_left``, ``transport_right``; None where absent)."""
 
-    mom: _Momentum
+    mom: Momentum
     views: tuple[Any, ...]
 
 
@@ -683,7 +337,7 @@ def _pack_factors_(layers: list[ManifoldLayer]) -> None:
         _column_major_(b)
         ok = not (distributed.is_dtensor(a) or distributed.is_dtensor(b)) and a.dim() == 2
         m, n, w = b.shape[0], a.shape[1], a.shape[0]
-        ok = ok and _structured_shape(m, n, layer.rank) and b.shape[1] == w
+        ok = ok and structured_shape(m, n, layer.rank) and b.shape[1] == w
         # the step's grouping (_group_layers), so that each of its groups is one buffer
         keys.append((m, n, layer.rank, layer.offset, w, a.dtype, a.device) if ok else None)
     for key, idx in group_indices(keys).items():
@@ -755,7 +409,7 @@ def _check_bool(name: str, value: Any) -> None:
 
 
 def _check_beta(name: str, value: Any) -> None:
-    _check_number(name, value)
+    check_number(name, value)
     if not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
 
@@ -788,20 +442,20 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
                 f"manifold form; got {type(model).__name__}. A list of parameters cannot work: "
                 "the optimizer must rewrite the LoRA layers."
             )
-        _check_number("lr", lr, low=0.0, strict=True)
+        check_number("lr", lr, low=0.0, strict=True)
         _check_beta("momentum", momentum)
-        _check_number("weight_decay", weight_decay, low=0.0)
+        check_number("weight_decay", weight_decay, low=0.0)
         _check_bool("nesterov", nesterov)
         if nesterov and not momentum:
             raise ValueError("nesterov=True requires momentum > 0")
         if adamw_lr is not None:
-            _check_number("adamw_lr", adamw_lr, low=0.0, strict=True)
+            check_number("adamw_lr", adamw_lr, low=0.0, strict=True)
         if not isinstance(adamw_betas, tuple | list) or len(adamw_betas) != 2:
             raise ValueError(f"adamw_betas must be a pair (beta1, beta2), got {adamw_betas!r}")
         for k, beta in enumerate(adamw_betas):
             _check_beta(f"adamw_betas[{k}]", beta)
-        _check_number("adamw_eps", adamw_eps, low=0.0)
-        _check_number("adamw_weight_decay", adamw_weight_decay, low=0.0)
+        check_number("adamw_eps", adamw_eps, low=0.0)
+        check_number("adamw_weight_decay", adamw_weight_decay, low=0.0)
         self._init_guard(nonfinite)
 
         layers = to_manifold(model, generator=generator)
@@ -1189,11 +843,11 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         item.ws = ws
 
     def _structured_group(self, item: _GroupPlan) -> None:
-        """One group of equal-shape layers by :func:`_structured_step`, in its workspace. The
+        """One group of equal-shape layers by :func:`structured_step`, in its workspace. The
         momentum buffers of the group are stacked once and then updated in place every step
         while the state still holds exactly their views.
 
-        The momentum's transport coefficients (``cu``, ``cq``, see :class:`_Momentum`) of the
+        The momentum's transport coefficients (``cu``, ``cq``, see :class:`Momentum`) of the
         last step are used as they are when nothing can have moved the point since this
         optimizer wrote it: the state holds this optimizer's buffers, the parameters are the
         same objects with the same storage, and their version counters (which every in-place
@@ -1206,7 +860,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         assert ws is not None
         m, n, r = key[0], key[1], key[2]
         L = len(A)
-        # every tall block transposed ("wide", see _structured_step): U^T = pb[:, r:],
+        # every tall block transposed ("wide", see structured_step): U^T = pb[:, r:],
         # Q^T = pa[:, :r], V^T = pa[:, r:], the parameters' own memory when they are packed;
         # lr = 0 (e.g. the first warmup step) keeps the point exactly: the step then works on
         # copies and nothing is written back (the momentum still moves)
@@ -1216,7 +870,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         Ut, Qt, Vt = pb[:, r:], pa[:, :r], pa[:, r:]
         mom, fresh = item.mom, item.fresh
         if mom is not None and mom.Pt.dtype != cdt:
-            mom = _Momentum(
+            mom = Momentum(
                 *(
                     None if x is None else x.to(cdt)
                     for x in (mom.Pt, mom.Rt, mom.core, mom.cu, mom.cq)
@@ -1233,15 +887,15 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             )
             if not fast:
                 mom = self._check_transport(mom, Ut, Qt)
-            out = _Momentum(mom.Pt, mom.Rt, mom.core)
+            out = Momentum(mom.Pt, mom.Rt, mom.core)
             if out.core is None:
                 out.core = ws.GQt.new_empty(L, 2 * r, 2 * r)
         elif kw["momentum"]:
-            out = _Momentum.empty(ws.GQt, L, r, m, n)
+            out = Momentum.empty(ws.GQt, L, r, m, n)
         else:
             out = None
         # the new point lands in pa and pb (on every path)
-        _, _, _, coords = _structured_step(
+        _, _, _, coords = structured_step(
             Ut,
             Qt,
             Vt,
@@ -1257,7 +911,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             torch.autograd.graph.increment_version(chain(A, B))
         elif moves:
             ws.write_back()
-        elif _kept_in_bases(kw["momentum"], kw["nesterov"], kw["store_orthogonalized"]):
+        elif kept_in_bases(kw["momentum"], kw["nesterov"], kw["store_orthogonalized"]):
             # the momentum's bases [Qd | U], [Q | Qv] hold the old point: U = [Qd | U] [0; I],
             # Q = [Q | Qv] [I; 0]
             eye = torch.eye(r, dtype=cdt, device=pa.device).expand(L, r, r)
@@ -1273,7 +927,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         key: tuple[Any, ...],
         A: list[Tensor],
         B: list[Tensor],
-        out: _Momentum,
+        out: Momentum,
         coords: tuple[Tensor, Tensor] | None,
         fresh: bool,
     ) -> None:
@@ -1290,7 +944,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             else:
                 cu, cq = coords[0].clone(), coords[1].clone()
         assert out.core is not None
-        mom = _Momentum(out.Pt, out.Rt, out.core, cu, cq, in_span=cu is not None)
+        mom = Momentum(out.Pt, out.Rt, out.core, cu, cq, in_span=cu is not None)
         if cached is not None and last is not None and last.Pt is out.Pt and last.cu is cu:
             cached.mom = mom  # the state holds views of these very buffers
             return
@@ -1308,7 +962,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         self._momentum_cache[key] = _MomentumCache(mom, (lefts, rights, cores, cus, cqs))
 
     @staticmethod
-    def _check_transport(mom: _Momentum, Ut: Tensor, Qt: Tensor) -> _Momentum:
+    def _check_transport(mom: Momentum, Ut: Tensor, Qt: Tensor) -> Momentum:
         """Computes ``cu = Lb^T U``, ``cq = Rb^T Q`` of the current point; the momentum's own
         (e.g. from a state dict) are kept, with the one-product transport, when they agree with
         them to round-off (``U = Lb cu``, ``Q = Rb cq``), and replaced otherwise (in the
@@ -1325,7 +979,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
 
     def _stacked_momentum(
         self, key: tuple[Any, ...], A: list[Tensor], B: list[Tensor]
-    ) -> tuple[_Momentum | None, bool]:
+    ) -> tuple[Momentum | None, bool]:
         """The momentum of a group, stacked (None: no momentum yet), and whether it is
         ``fresh``: a new stack of the state's tensors, not the buffers of the previous step
         whose views the state still holds exactly (same layout either way, so a resumed run is
@@ -1355,7 +1009,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         rights = [st.get("momentum_right") for st in states_a]
         lefts = [ref.new_zeros(m, 2 * r) if x is None else x for x in lefts]
         rights = [ref.new_zeros(n, 2 * r) if x is None else x for x in rights]
-        mom = _Momentum(torch.stack([x.mT for x in lefts]), torch.stack([x.mT for x in rights]))
+        mom = Momentum(torch.stack([x.mT for x in lefts]), torch.stack([x.mT for x in rights]))
         cores = [st.get("momentum_core") for st in states_b]
         if any(x is not None for x in cores):
             eye = torch.eye(2 * r, dtype=ref.dtype, device=ref.device)

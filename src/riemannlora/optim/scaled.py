@@ -2,7 +2,7 @@ r"""Scaled (Riemannian-preconditioned) SGD and AdamW for LoRA.
 
 Zhang & Pilanci, "Riemannian Preconditioned LoRA for Fine-Tuning Foundation Models", ICML 2024.
 Each LoRA factor's gradient is multiplied by the inverse r x r Gram matrix of the other factor
-(:func:`riemannlora.preconditioner.precondition_pairs`); the result then goes through the
+(:func:`riemannlora.core.preconditioner.precondition_pairs`); the result then goes through the
 unchanged update rule of ``torch.optim.SGD`` / ``torch.optim.AdamW`` (the same functional
 kernels), so every parameter that is not a LoRA factor is updated bitwise as torch does it, and
 the optimizer state is exactly torch's.

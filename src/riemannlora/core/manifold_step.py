@@ -1,0 +1,405 @@
+r"""One Riemannion / Riemannian-SGD step on a stack of equal-shape layers: pure functions.
+
+Bogachev et al., "LoRA meets Riemannion: Muon Optimizer for Parametrization-independent Low-Rank
+Adapters", arXiv 2507.12142. Each layer's delta ``X = U V^T`` (rank r, U with orthonormal
+columns, ``Q`` an orthonormal basis of V's columns) is a point of the manifold of rank-r
+matrices; ``G = dL/dW`` is known only through ``G Q`` and ``G^T U``. One step::
+
+    xi_g  = P_X(G)                                   Riemannian gradient (dU_g, dV_g)
+    M     = beta P_X(M_prev) + (1 - tau) xi_g        transport by projection, heavy ball
+    D     = beta M + (1 - tau) xi_g  (Nesterov)  or  M
+    D_o   = P_X(msign(D))                            Riemannion only ("OrthoLR", exact SVD)
+    X    <- best rank-r approximation of  X - lr * (D_o + wd' X)       (truncated SVD)
+
+with ``tau = 0`` for Riemannion and ``tau = beta`` for Riemannian SGD (which skips the msign).
+Tangent vectors stay in factor form ``dU Q^T + U dV^T`` (never an ``m x n`` matrix).
+
+Two kernels compute it, with the same results up to round-off: :func:`literal_step`, the
+spec's formulas term by term (:mod:`riemannlora.core.geometry`'s literal functions), and
+:func:`structured_step`, which uses the structure of a stored point (two QRs of width r, one
+``2r x 2r`` SVD for ``P_X(msign(.))``, a retraction with no QR of width 2r) and works on
+stacked buffers with every tall matrix transposed (``(L, r, rows)``, column-major), in place.
+
+The momentum ``M`` (a tangent vector at the point of the step that made it) is kept in the
+bases of that step's direction, ``M = Lb core Rb^T`` with ``Lb = [Qd | U_old]`` ``(m, 2r)`` and
+``Rb = [Q_old | Qv]`` ``(n, 2r)`` orthonormal and a ``2r x 2r`` core (:class:`Momentum`). The
+new point lies in their span, ``U = Lb cu``, ``Q = Rb cq``, with ``cu``, ``cq`` known from the
+retraction's small matrices, so the next step transports M by projection with no product
+between two tall matrices: ``(I - U U^T) M Q = Lb ((I - cu cu^T) core cq)`` and
+``M^T U = Rb (core^T cu)``. A momentum without a core is the plain factor pair
+``M = Lb Rb^T``; Nesterov's raw momentum is stored as ``[dU | U_old]``, ``[Q_old | dV]`` with
+an identity core.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from riemannlora.core.geometry import (
+    msign_tangent,
+    msign_tangent_qr,
+    orthonormal_basis,
+    project_tangent,
+    retract,
+    retract_qr_,
+    riemannian_gradient,
+    tangent_core,
+    tangent_qr_parts_,
+    tangent_to_factors,
+    to_compute_dtype,
+    transport,
+)
+
+__all__ = [
+    "SCALE_LR_CHOICES",
+    "Momentum",
+    "kept_in_bases",
+    "literal_step",
+    "lr_multiplier",
+    "manifold_step",
+    "structured_shape",
+    "structured_step",
+]
+
+#: Accepted values of ``Riemannion(scale_lr=...)``.
+SCALE_LR_CHOICES = (None, "match_adamw")
+
+
+def lr_multiplier(scale_lr: str | None, m: int, n: int) -> float:
+    """Learning-rate multiplier of a ``(m, n)`` layer: 1, or ``0.2 sqrt(max(m, n))`` for
+    ``"match_adamw"`` (Moonlight's rule, which gives the update the RMS of an AdamW update)."""
+    if scale_lr is None:
+        return 1.0
+    if scale_lr == "match_adamw":
+        return 0.2 * math.sqrt(max(m, n))
+    raise ValueError(f"scale_lr must be one of {SCALE_LR_CHOICES}, got {scale_lr!r}")
+
+
+def manifold_step(
+    U: Tensor,
+    V: Tensor,
+    Q: Tensor,
+    GQ: Tensor,
+    GtU: Tensor,
+    Pm: Tensor | None,
+    Rm: Tensor | None,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    orthogonalize: bool = True,
+    store_orthogonalized: bool = False,
+    structured: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """One Riemannion / Riemannian-SGD step for a stack of layers of equal shape.
+
+    Args:
+        U ``(..., m, r)``: orthonormal left factor; V ``(..., n, r)``: right factor;
+        Q ``(..., n, r)``: the row basis the forward pass used.
+        GQ ``(..., m, r)``, GtU ``(..., n, r)``: ``G Q`` and ``G^T U`` from the backward pass.
+        Pm ``(..., m, 2r)``, Rm ``(..., n, 2r)``: momentum ``Pm Rm^T`` of the previous step
+            (None: zero momentum).
+        lr: step size; weight_decay: decoupled, ``X <- X - lr (D + weight_decay X)``.
+        momentum: beta in ``[0, 1)``; dampening: tau, the new gradient enters as
+            ``(1 - tau) xi_g`` (0 for Riemannion, beta for Riemannian SGD).
+        nesterov: use ``beta M + (1 - tau) xi_g`` instead of ``M``.
+        orthogonalize: apply ``P_X(msign(.))`` (Riemannion) or not (SGD).
+        store_orthogonalized: store the orthogonalized direction as momentum instead of M.
+        structured: use the structure of a stored point (orthonormal U and Q, V in
+            ``span(Q)``; the directions built here are tangent): the direction is factored by
+            :func:`~riemannlora.core.geometry.tangent_qr` (two QRs of width r),
+            orthogonalized and projected by :func:`~riemannlora.core.geometry.msign_tangent_qr`
+            (one ``2r x 2r`` SVD, no tall product) and retracted by
+            :func:`~riemannlora.core.geometry.retract_qr` (no QR of width 2r). Same result up to
+            rounding as the literal formulas of the spec (``structured=False``:
+            :func:`~riemannlora.core.geometry.msign_tangent`,
+            :func:`~riemannlora.core.geometry.project_tangent`,
+            :func:`~riemannlora.core.geometry.retract`, which also accept a non-orthonormal point).
+            With ``2r > min(m, n)`` the literal formulas are used.
+
+    Returns:
+        ``(U_new, V_new, Q_new, Pm_new, Rm_new)`` in the compute dtype; the momentum factors are
+        None when ``momentum == 0``.
+    """
+    U, V, Q, GQ, GtU = to_compute_dtype(U, V, Q, GQ, GtU)
+    m, r = U.shape[-2:]
+    n = V.shape[-2]
+    kw = {
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "momentum": momentum,
+        "dampening": dampening,
+        "nesterov": nesterov,
+        "orthogonalize": orthogonalize,
+        "store_orthogonalized": store_orthogonalized,
+    }
+    if not structured or not structured_shape(m, n, r):
+        return literal_step(U, V, Q, GQ, GtU, Pm, Rm, **kw)
+    batch = U.shape[:-2]
+
+    def flat(t: Tensor) -> Tensor:
+        return t.reshape(-1, *t.shape[-2:])
+
+    # owned buffers in the layout structured_step works in (it overwrites them)
+    def wide(t: Tensor) -> Tensor:
+        return t.mT.reshape(-1, *t.shape[-1:], t.shape[-2]).clone(
+            memory_format=torch.contiguous_format
+        )
+
+    Ut, Qt, Vt, GQt, GtUt = wide(U), wide(Q), wide(V), wide(GQ), wide(GtU)
+    L = Ut.shape[0]
+    mom = out_mom = None
+    if momentum:
+        if Pm is not None and Rm is not None:
+            Pm, Rm = to_compute_dtype(Pm, Rm)
+            mom = Momentum(flat(Pm.mT), flat(Rm.mT))
+        out_mom = Momentum.empty(Ut, L, r, m, n)
+    U_new, V_new, Q_new, _ = structured_step(Ut, Qt, Vt, GQt, GtUt, mom, out_mom, **kw)
+    out = [U_new.reshape(*batch, m, r), V_new.reshape(*batch, n, r), Q_new.reshape(*batch, n, r)]
+    if out_mom is None:
+        return out[0], out[1], out[2], None, None
+    # the plain factor pair: M = Lb core Rb^T = Lb (Rb core^T)^T
+    assert out_mom.core is not None
+    Rm_new = (out_mom.core @ out_mom.Rt).mT
+    return (
+        out[0],
+        out[1],
+        out[2],
+        out_mom.Pt.mT.reshape(*batch, m, 2 * r),
+        Rm_new.reshape(*batch, n, 2 * r),
+    )
+
+
+def literal_step(
+    U: Tensor,
+    V: Tensor,
+    Q: Tensor,
+    GQ: Tensor,
+    GtU: Tensor,
+    Pm: Tensor | None,
+    Rm: Tensor | None,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    orthogonalize: bool,
+    store_orthogonalized: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """:func:`manifold_step` by the spec's formulas, term by term."""
+    dU_g, dV_g = riemannian_gradient(U, GQ, GtU)
+    g = 1.0 - dampening
+    if momentum:
+        if Pm is None or Rm is None:
+            dU, dV = g * dU_g, g * dV_g
+        else:
+            dU_p, dV_p = transport(U, Q, Pm, Rm)
+            dU, dV = momentum * dU_p + g * dU_g, momentum * dV_p + g * dV_g
+        if nesterov:
+            uU, uV = momentum * dU + g * dU_g, momentum * dV + g * dV_g
+        else:
+            uU, uV = dU, dV
+    else:
+        dU, dV = uU, uV = dU_g, dV_g
+    if orthogonalize:
+        O_L, O_R = msign_tangent(U, Q, uU, uV)
+        oU, oV = project_tangent(U, Q, O_L, O_R)
+    else:
+        oU, oV = uU, uV
+    U_new, V_new = retract(U, V, Q, oU, oV, lr, weight_decay)
+    Q_new = orthonormal_basis(V_new)
+    if not momentum:
+        return U_new, V_new, Q_new, None, None
+    mU, mV = (oU, oV) if store_orthogonalized else (dU, dV)
+    Pm_new, Rm_new = tangent_to_factors(U, Q, mU, mV)
+    return U_new, V_new, Q_new, Pm_new, Rm_new
+
+
+@dataclass(eq=False)
+class Momentum:
+    """The momentum of a stack of ``L`` layers of equal shape, ``M = Lb core Rb^T`` per layer,
+    in the wide layout of :func:`structured_step`: ``Pt = Lb^T`` ``(L, 2r, m)``,
+    ``Rt = Rb^T`` ``(L, 2r, n)`` contiguous, ``core`` ``(L, 2r, 2r)`` (None: the identity, i.e.
+    the factor pair ``M = Lb Rb^T``).
+
+    The step stores its momentum in orthonormal bases, ``Lb = [Qd | U]`` and
+    ``Rb = [Q | Qv]`` (the bases of its direction, :class:`~riemannlora.core.geometry.TangentQR`),
+    and the new point lies in their span. ``cu = Lb^T U`` and ``cq = Rb^T Q`` ``(L, 2r, r)``
+    are then the coordinates of the point in the bases, known from the retraction's small
+    matrices; with them (``in_span``: ``U = Lb cu``, ``Q = Rb cq``) transporting the momentum
+    to the point takes no product with a tall matrix. None: not known (they are computed,
+    ``in_span=False``)."""
+
+    Pt: Tensor
+    Rt: Tensor
+    core: Tensor | None = None
+    cu: Tensor | None = None
+    cq: Tensor | None = None
+    in_span: bool = False
+
+    @staticmethod
+    def empty(like: Tensor, L: int, r: int, m: int, n: int) -> Momentum:
+        """Buffers for a new momentum (bases and core), in ``like``'s dtype and device."""
+        return Momentum(
+            like.new_empty(L, 2 * r, m),
+            like.new_empty(L, 2 * r, n),
+            like.new_empty(L, 2 * r, 2 * r),
+        )
+
+    def transport(self, Ut: Tensor, Qt: Tensor) -> tuple[Tensor, Tensor]:
+        """``(Lb^T U, Rb^T Q)`` by products with the tall bases (computed transposed: MKL's
+        batched ``(r x k) (k x 2r)`` product runs about 1.5x faster than the
+        ``(2r x k) (k x r)`` one)."""
+        return (Ut @ self.Pt.mT).mT, (Qt @ self.Rt.mT).mT
+
+
+def structured_step(
+    Ut: Tensor,
+    Qt: Tensor,
+    Vt: Tensor,
+    GQt: Tensor,
+    GtUt: Tensor,
+    mom: Momentum | None,
+    out: Momentum | None,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    orthogonalize: bool,
+    store_orthogonalized: bool,
+    scratch: Tensor | None = None,
+    packed: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    """The structured step on stacked ``(L, ., .)`` buffers in the compute dtype, every tall
+    matrix transposed ("wide", ``(L, r, rows)`` contiguous, i.e. column-major): MKL's products
+    with a small ``r`` run two to four times faster in that layout than on row-major tall
+    matrices, and LAPACK's QR works in it in place.
+
+    Ut ``(L, r, m)`` = U^T, GQt ``(L, r, m)`` = (G Q)^T, Qt, Vt, GtUt ``(L, r, n)`` = Q^T, V^T,
+    (G^T U)^T, all owned by the step and overwritten (Ut, Qt, Vt may be the blocks of
+    ``packed = (pa, pb, Yt)``, see :func:`~riemannlora.core.geometry.retract_qr_`, into which
+    the new point is then written whole); ``mom``: the previous momentum (None:
+    zero; its ``cu``, ``cq`` are computed when None). The new momentum is written into
+    ``out.Pt``, ``out.Rt`` and ``out.core`` (required when ``momentum``; they may be ``mom``'s
+    own buffers: those are read before they are written, so the optimizer updates its momentum
+    in place). ``scratch``: a contiguous buffer of Ut's shape and dtype (None: one is
+    allocated). Products written into a slice of a larger batch go through a temporary on CPU,
+    so the outputs are best contiguous (with ``packed``, whole ``pa``, ``pb`` are). Returns
+    ``(U_new, V_new, Q_new, coords)``: the new point, column-major, in the memory of Ut, Vt and
+    Qt (views of ``packed``'s buffers when given), and its coordinates ``(cu, cq)`` in the new momentum's bases (None when not known:
+    without momentum; with Nesterov, whose momentum factors ``[dU | U]``, ``[Q | dV]`` are not
+    orthonormal; after a Householder fallback of the retraction).
+
+    With the momentum ``M = Lb core Rb^T``, ``cu = Lb^T U``, ``cq = Rb^T Q``,
+    ``Z = core cq`` and ``Y = core^T cu`` (so ``M Q = Lb Z``, ``M^T U = Rb Y``), the new
+    momentum direction is
+
+        dU = g (I - U U^T) G Q + beta (I - U U^T) M Q = g G Q + beta Lb Z - U K1,
+        K1 = g U^T G Q + beta cu^T Z,
+        dV = g G^T U + beta M^T U = g G^T U + beta Rb Y,    B = Q^T dV = g Q^T G^T U + beta cq^T Y,
+
+    and its factorization needs ``W = dV - Q B``. When the point lies in the bases
+    (``mom.in_span``: ``U = Lb cu``, ``Q = Rb cq``), ``dU = g G Q + Lb (beta Z - cu K1)`` and
+    ``W = g G^T U + Rb (beta Y - cq B)``: one product with each stacked basis.
+    """
+    g = 1.0 - dampening
+    beta = momentum
+    r = Ut.shape[-2]
+    prev = mom if beta else None  # the momentum that enters
+    # where the new momentum goes: the bases of the direction (QRs below), or for Nesterov's raw
+    # momentum, which is not the direction the QRs factor, its own factor pair
+    keep = out if beta else None
+    raw_pair = not kept_in_bases(beta, nesterov, store_orthogonalized)
+    H = Ut @ GQt.mT  # U^T G Q (r, r)
+    # Q^T G^T U: (U^T G Q)^T only up to the rounding of the two gradient blocks (bf16 models)
+    E = Qt @ GtUt.mT
+    if prev is not None:
+        cu, cq = (prev.cu, prev.cq) if prev.cu is not None else prev.transport(Ut, Qt)
+        assert cq is not None
+        Z = cq if prev.core is None else prev.core @ cq
+        Y = cu if prev.core is None else prev.core.mT @ cu
+        K1 = torch.baddbmm(H, cu.mT, Z, beta=g, alpha=beta)  # U^T (g G Q + beta M Q)
+        B = torch.baddbmm(E, cq.mT, Y, beta=g, alpha=beta)  # Q^T dV
+    else:
+        K1, B = H * g, E * g
+    if beta and nesterov:
+        # the momentum M = (dU, dV) and the direction beta M + g xi_g, which the QRs factor
+        if prev is not None:
+            dUt = torch.baddbmm(GQt, Z.mT, prev.Pt, beta=g, alpha=beta)
+            dUt.baddbmm_(K1.mT, Ut, alpha=-1.0)
+            dVt = torch.baddbmm(GtUt, Y.mT, prev.Rt, beta=g, alpha=beta)
+        else:
+            dUt = torch.baddbmm(GQt, K1.mT, Ut, beta=g, alpha=-1.0)
+            dVt = GtUt * g
+        uUt = GQt.baddbmm_(H.mT, Ut, alpha=-1.0).mul_(g).add_(dUt, alpha=beta)
+        Bu = torch.add(E * g, B, alpha=beta)  # Q^T (beta dV + g G^T U)
+        uWt = GtUt.mul_(g).add_(dVt, alpha=beta).baddbmm_(Bu.mT, Qt, alpha=-1.0)
+        if keep is not None and raw_pair:  # [dU | U], [Q | dV], identity core
+            assert keep.core is not None
+            _store_bases(keep, dUt, Ut, Qt, dVt)
+            keep.core.copy_(torch.eye(2 * r, dtype=Ut.dtype, device=Ut.device))
+        t = tangent_qr_parts_(uUt.mT, uWt.mT, Bu)
+    else:
+        if prev is not None and prev.in_span and prev.cu is not None:
+            # U = Lb cu, Q = Rb cq: one product with each basis
+            dUt = GQt.baddbmm_(torch.baddbmm(Z, cu, K1, beta=beta, alpha=-1.0).mT, prev.Pt, beta=g)
+            Wt = GtUt.baddbmm_(torch.baddbmm(Y, cq, B, beta=beta, alpha=-1.0).mT, prev.Rt, beta=g)
+        elif prev is not None:
+            dUt = GQt.baddbmm_(Z.mT, prev.Pt, beta=g, alpha=beta).baddbmm_(K1.mT, Ut, alpha=-1.0)
+            Wt = GtUt.baddbmm_(Y.mT, prev.Rt, beta=g, alpha=beta).baddbmm_(B.mT, Qt, alpha=-1.0)
+        else:
+            dUt = GQt.baddbmm_(K1.mT, Ut, beta=g, alpha=-1.0)
+            Wt = GtUt.baddbmm_(B.mT, Qt, beta=g, alpha=-1.0)
+        t = tangent_qr_parts_(dUt.mT, Wt.mT, B)  # Qd, Qv overwrite dU, W
+    in_bases = keep if keep is not None and not raw_pair else None
+    core = None
+    if in_bases is not None:  # bases [Qd | U], [Q | Qv]; the core of the raw direction
+        _store_bases(in_bases, t.Qd.mT, Ut, Qt, t.Qv.mT)
+        if not store_orthogonalized:
+            core = tangent_core(t, out=in_bases.core)
+    if orthogonalize:
+        t = msign_tangent_qr(t, core=core)
+    if in_bases is not None and store_orthogonalized:
+        tangent_core(t, out=in_bases.core)
+    return retract_qr_(
+        Ut.mT,
+        Vt.mT,
+        Qt.mT,
+        t,
+        lr,
+        weight_decay,
+        scratch=scratch,
+        overwrite=True,
+        bases=None if in_bases is None else (in_bases.Pt, in_bases.Rt),
+        packed=packed,
+    )
+
+
+def structured_shape(m: int, n: int, r: int) -> bool:
+    """Whether layers of this shape step by :func:`structured_step` (``2r <= min(m, n)``, so
+    the bases ``[Qd | U]``, ``[Q | Qv]`` fit), when they are not sharded."""
+    return 2 * r <= min(m, n)
+
+
+def kept_in_bases(momentum: float, nesterov: bool, store_orthogonalized: bool) -> bool:
+    """Whether a step keeps its momentum in the bases of its direction (every momentum but
+    Nesterov's raw one, which is not the direction the QRs factor)."""
+    return bool(momentum) and not (nesterov and not store_orthogonalized)
+
+
+def _store_bases(out: Momentum, Lt1: Tensor, Ut: Tensor, Qt: Tensor, Rt2: Tensor) -> None:
+    """``out.Pt = [Lt1; U^T]``, ``out.Rt = [Q^T; Rt2]`` (stacked copies)."""
+    r = Ut.shape[-2]
+    out.Pt[:, :r].copy_(Lt1)
+    out.Pt[:, r:].copy_(Ut)
+    out.Rt[:, :r].copy_(Qt)
+    out.Rt[:, r:].copy_(Rt2)
