@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from riemannlora import distributed
+from riemannlora.manifold import manifold_layers
 
 __all__ = ["clip_grad_norm_", "unwrap_optimizer"]
 
@@ -45,8 +46,6 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 
 def _targets(obj: Any) -> tuple[list[Any], list[Tensor]]:
     """(manifold layers, other parameters) whose gradients the optimizer / model uses."""
-    from riemannlora.manifold import manifold_layers
-
     if isinstance(obj, nn.Module):
         layers = manifold_layers(obj)
         in_layers = {id(p) for layer in layers for p in (layer.a, layer.b)}

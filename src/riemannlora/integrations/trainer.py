@@ -64,7 +64,7 @@ from transformers import Trainer, TrainingArguments
 
 from riemannlora.clip import clip_grad_norm_, unwrap_optimizer
 from riemannlora.distributed import is_dtensor
-from riemannlora.export import is_exported_adapter, load_exported_adapter
+from riemannlora.manifold import is_exported_adapter, load_exported_adapter
 from riemannlora.optim import ScaledAdamW
 
 __all__ = ["RiemannTrainer", "default_optimizer", "first_batch"]

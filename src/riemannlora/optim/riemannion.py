@@ -82,7 +82,8 @@ from riemannlora.core.manifold_step import (
     structured_shape,
     structured_step,
 )
-from riemannlora.manifold import ManifoldLayer, group_indices, to_manifold
+from riemannlora.manifold import ManifoldLayer, to_manifold
+from riemannlora.manifold.layers import group_indices
 from riemannlora.optim.functional import adamw_from_group
 from riemannlora.optim.guard import NonFiniteGuard
 from riemannlora.optim.validation import check_number, check_state_dict_header
