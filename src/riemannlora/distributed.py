@@ -94,6 +94,8 @@ __all__ = [
     "manifold_step_sharded",
     "pair_group",
     "precondition_local",
+    "row_range",
+    "shard_group",
     "wrap_like",
     "wrap_replicated",
     "wrap_rows",
@@ -140,7 +142,7 @@ def any_across(flag: Tensor, meshes: Sequence[Any]) -> Tensor:
     return value[0] > 0
 
 
-def _shard_group(t: Tensor, what: str) -> Any:
+def shard_group(t: Tensor, what: str) -> Any:
     """The process group over which ``t`` is row-sharded (``None``: whole on every rank)."""
     if not is_dtensor(t):
         return None
@@ -156,7 +158,7 @@ def _shard_group(t: Tensor, what: str) -> Any:
     return group
 
 
-def _row_range(rows: int, world: int, rank: int) -> tuple[int, int]:
+def row_range(rows: int, world: int, rank: int) -> tuple[int, int]:
     """Rows of rank ``rank`` under ``torch.chunk`` sharding of ``rows`` rows (FSDP2's layout)."""
     chunk = math.ceil(rows / world)
     lo = min(rank * chunk, rows)
@@ -174,7 +176,7 @@ def gather_rows(shards: list[Tensor], shapes: list[torch.Size], group: Any) -> l
     for t, shape in zip(shards, shapes):
         rows, cols = shape[0], math.prod(shape[1:])
         chunk = math.ceil(rows / world)
-        lo, hi = _row_range(rows, world, rank)
+        lo, hi = row_range(rows, world, rank)
         if t.shape[0] != hi - lo:
             raise NotImplementedError(
                 f"unexpected shard of {tuple(shape)}: rank {rank} holds {t.shape[0]} rows, "
@@ -232,7 +234,7 @@ def precondition_local(
     """
     by_group: dict[Any, list[int]] = {}
     for i, (fa, fb) in enumerate(zip(a, b)):
-        ga, gb = _shard_group(fa, "lora_A"), _shard_group(fb, "lora_B")
+        ga, gb = shard_group(fa, "lora_A"), shard_group(fb, "lora_B")
         if ga is not gb:
             raise NotImplementedError(
                 "a LoRA pair whose factors are sharded over different process groups (or only "
@@ -267,7 +269,7 @@ def precondition_local(
         )
         for j, i in enumerate(idx):
             if group is not None and da[j] is not None:
-                lo, hi = _row_range(a[i].shape[0], dist.get_world_size(group), dist.get_rank(group))
+                lo, hi = row_range(a[i].shape[0], dist.get_world_size(group), dist.get_rank(group))
                 da[j] = da[j][lo:hi]
             out_a[i], out_b[i] = da[j], db[j]
     return out_a, out_b
@@ -280,7 +282,7 @@ def precondition_local(
 
 def pair_group(a: Tensor, b: Tensor, what: str = "LoRA layer") -> Any:
     """The process group over which both factors of a layer are row-sharded (None: plain)."""
-    ga, gb = _shard_group(a, f"{what} lora_A"), _shard_group(b, f"{what} lora_B")
+    ga, gb = shard_group(a, f"{what} lora_A"), shard_group(b, f"{what} lora_B")
     if ga is not gb:
         raise NotImplementedError(
             f"{what}: factors sharded over different process groups (or only one of them "
@@ -401,7 +403,7 @@ def manifold_step_sharded(groups: Sequence[ShardedManifoldGroup], group: Any) ->
         pos += 2 * L
         s = g.s
         s["Qt"], s["Vt"], s["GtUt"] = A_full[:, :r], A_full[:, r : 2 * r], GA_full[:, r : 2 * r]
-        s["rows"] = _row_range(g.m, world, rank)
+        s["rows"] = row_range(g.m, world, rank)
         if g.literal:
             B_full = torch.stack(whole[pos : pos + L]).to(cdt)
             GB_full = torch.stack(whole[pos + L : pos + 2 * L]).to(cdt)
@@ -560,7 +562,7 @@ def manifold_step_sharded(groups: Sequence[ShardedManifoldGroup], group: Any) ->
             for j, (a, b) in enumerate(zip(g.A, g.B)):
                 bl, al = local(b), local(a)
                 bl[:, r : 2 * r].copy_(s["U_new"][j])
-                lo, hi = _row_range(a.shape[0], world, rank)
+                lo, hi = row_range(a.shape[0], world, rank)
                 top = min(hi, 2 * r)
                 if lo < top:
                     al[: top - lo].copy_(new_rows[j, lo:top])

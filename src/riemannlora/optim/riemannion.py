@@ -63,6 +63,7 @@ momentum and leaves the point exactly as it is.
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from itertools import chain, repeat
@@ -70,6 +71,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import (
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 from riemannlora import distributed
 from riemannlora.core.geometry import compute_dtype
@@ -268,7 +273,8 @@ def _slot_weights(mods: list[dict[str, Any]], name: str, adapters: list[str]) ->
 class _Grouping:
     """The grouping of a manifold param group's layers by key, valid while the group holds
     exactly these parameter objects with this storage and every layer has both gradients.
-    ``epoch``: :func:`_registration_epoch` when the factors were last found in their layers."""
+    ``epoch``: the :class:`_RegistrationWatch`'s epoch when the factors were last found in
+    their layers."""
 
     params: list[Tensor]
     ptrs: list[int]
@@ -276,27 +282,43 @@ class _Grouping:
     epoch: int
 
 
-_EPOCH = [0]
-_EPOCH_HOOKS: list[Any] = []
-
-
-def _registration_epoch() -> int:
-    """A counter of the submodules and parameters registered on any module of the process
+class _RegistrationWatch:
+    """Counts the submodules and parameters registered on any module of the process
     (``nn.Module.__setattr__``, ``add_module``, ``register_parameter``, ``ModuleDict``
-    assignment; through torch's global registration hooks, installed once). While it stands
-    still, no factor module or weight can have been replaced, and the per-step check that each
-    layer still holds the optimizer's factors (a walk over every layer's modules, slow on a
-    cold cache) is skipped."""
-    if not _EPOCH_HOOKS:
-        from torch.nn.modules import module as torch_module
+    assignment) through torch's global registration hooks, for as long as it lives: the hooks
+    are removed by :meth:`close` or when the watch is garbage-collected (its optimizer's
+    lifetime). While ``epoch`` stands still, no factor module or weight can have been replaced,
+    and the per-step check that each layer still holds the optimizer's factors (a walk over
+    every layer's modules, slow on a cold cache) is skipped."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        ref = weakref.ref(self)
 
         def bump(*_: Any) -> None:
-            _EPOCH[0] += 1
+            watch = ref()
+            if watch is not None:
+                watch.epoch += 1
 
-        _EPOCH_HOOKS.append(torch_module.register_module_module_registration_hook(bump))
-        _EPOCH_HOOKS.append(torch_module.register_module_parameter_registration_hook(bump))
-        _EPOCH[0] += 1
-    return _EPOCH[0]
+        handles = (
+            register_module_module_registration_hook(bump),
+            register_module_parameter_registration_hook(bump),
+        )
+        self._finalizer = weakref.finalize(self, _remove_hooks, handles)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the hooks are installed (not closed)."""
+        return self._finalizer.alive
+
+    def close(self) -> None:
+        """Removes the hooks now (idempotent)."""
+        self._finalizer()
+
+
+def _remove_hooks(handles: tuple[Any, ...]) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 def _factor(layer: ManifoldLayer, name: str) -> Any:
@@ -526,6 +548,9 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         self._arenas: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._grouping: _Grouping | None = None
         self._step_cache: dict[tuple[Any, ...], Any] = {}
+        self._watch = _RegistrationWatch()
+        #: torch's AdamW for the plain parameters' groups (created at their first step)
+        self._adamw: torch.optim.AdamW | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of plain parameters (e.g. a new head), updated by AdamW with this
@@ -590,11 +615,10 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
 
         if not self._step_allowed(tensors, names, sharded_like=like):
             return loss
-        for group, plan in zip(self.param_groups, plans):
-            if plan is None:
-                self._adamw_step(group)
-            else:
+        for plan in plans:
+            if plan is not None:
                 self._manifold_step(plan)
+        self._adamw_step([g for g in self.param_groups if not g["manifold"]])
         return loss
 
     def _bad_group_grads(self, item: _GroupPlan) -> str:
@@ -682,7 +706,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             or any(map(operator.is_, map(_GRAD, params), repeat(None)))
         ):
             return None
-        epoch = _registration_epoch()
+        epoch = self._watch.epoch
         if cache.epoch != epoch:
             mods, adapters = self._slots
             try:
@@ -725,7 +749,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         out = [(key, ks) for ks, key in groups]
         cacheable = len(active) == len(self._layers) and all(key[-1] is None for key in keys)
         self._grouping = (
-            _Grouping(list(params), list(map(_DATA_PTR, params)), out, _registration_epoch())
+            _Grouping(list(params), list(map(_DATA_PTR, params)), out, self._watch.epoch)
             if cacheable
             else None
         )
@@ -1061,22 +1085,21 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
                 self.state[a]["momentum_right"] = Rm_new[j]
                 self._drop_core(a, b)
 
-    def _adamw_step(self, group: dict[str, Any]) -> None:
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        exp_avgs: list[Tensor] = []
-        exp_avg_sqs: list[Tensor] = []
-        max_exp_avg_sqs: list[Tensor] = []
-        steps: list[Tensor] = []
-        # torch's own state initialization, so the state is exactly torch.optim.AdamW's
-        has_complex = torch.optim.Adam._init_group(
-            self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
-        )
-        if not params:
+    def _adamw_step(self, groups: list[dict[str, Any]]) -> None:
+        """``torch.optim.AdamW``'s update of the groups of plain parameters, bitwise: the
+        state initialization of a contained AdamW whose ``state`` is ``self.state`` (so the
+        state is exactly torch's and ``state_dict`` holds it), then torch's functional
+        kernel."""
+        if not groups:
             return
-        adamw_from_group(
-            group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, has_complex
-        )
+        if self._adamw is None:
+            self._adamw = torch.optim.AdamW([dict(g) for g in groups])
+        self._adamw.state = self.state
+        for group in groups:
+            lists: tuple[list[Tensor], ...] = ([], [], [], [], [], [])
+            has_complex = self._adamw._init_group(group, *lists)
+            if lists[0]:
+                adamw_from_group(group, *lists, has_complex)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict after checking it was saved by this optimizer class for the same
