@@ -74,6 +74,7 @@ The building blocks (:func:`gather_rows`, :func:`all_reduce_sum`, :func:`any_acr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -81,7 +82,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from riemannlora.core.manifold_step import manifold_step
+from riemannlora.core.manifold_step import StepConfig, manifold_step
 from riemannlora.core.preconditioner import precondition_pairs
 
 __all__ = [
@@ -320,9 +321,7 @@ class ShardedManifoldGroup:
     row-sharded over one process group, for :func:`manifold_step_sharded`.
 
     ``A``: the ``lora_A`` weights ``[Q | V | -V0]^T`` ``(w, n)``; ``B``: the ``lora_B`` weights
-    ``[Z1 | U | U0]`` ``(m, w)``; ``rank``: r; ``kw``: the keyword arguments of
-    :func:`riemannlora.core.manifold_step.manifold_step` (lr, weight_decay, momentum, dampening,
-    nesterov, orthogonalize, store_orthogonalized); ``Pm`` ``(L, m_k, 2r)``: this rank's rows
+    ``[Z1 | U | U0]`` ``(m, w)``; ``rank``: r; ``cfg``: the step's settings; ``Pm`` ``(L, m_k, 2r)``: this rank's rows
     of the previous momentum's left factors, ``Rmt`` ``(L, 2r, n)``: its right factors,
     transposed (whole on every rank); None: no momentum yet. After the step ``P_out``,
     ``Rt_out`` hold the new momentum in the same layouts (None without momentum).
@@ -333,12 +332,12 @@ class ShardedManifoldGroup:
         A: list[Tensor],
         B: list[Tensor],
         rank: int,
-        kw: dict[str, Any],
+        cfg: StepConfig,
         Pm: Tensor | None = None,
         Rmt: Tensor | None = None,
         cdt: torch.dtype = torch.float32,
     ) -> None:
-        self.A, self.B, self.rank, self.kw = A, B, rank, kw
+        self.A, self.B, self.rank, self.cfg = A, B, rank, cfg
         self.Pm, self.Rmt, self.cdt = Pm, Rmt, cdt
         self.m, self.n = B[0].shape[0], A[0].shape[1]
         self.literal = 2 * rank > min(self.m, self.n)
@@ -422,7 +421,7 @@ def manifold_step_sharded(groups: Sequence[ShardedManifoldGroup], group: Any) ->
                 Pm,
                 Rm,
                 structured=False,
-                **g.kw,
+                **dataclasses.asdict(g.cfg),
             )
             lo, hi = s["rows"]
             s["U_new"], s["V_new"], s["Q_new"] = U_new[:, lo:hi], V_new, Q_new
@@ -438,7 +437,7 @@ def manifold_step_sharded(groups: Sequence[ShardedManifoldGroup], group: Any) ->
         s["GQ"] = torch.stack([local(b.grad)[:, :r] for b in g.B]).to(cdt)
         s["UtGQ"] = s["U"].mT @ s["GQ"]
         grams.append(s["UtGQ"])
-        if g.kw["momentum"] and g.Pm is not None:
+        if g.cfg.momentum and g.Pm is not None:
             s["Pold"], s["Rtold"] = g.Pm.to(cdt), g.Rmt.to(cdt)  # type: ignore[union-attr]
             s["PtU"] = s["Pold"].mT @ s["U"]
             grams.append(s["PtU"])
@@ -447,8 +446,8 @@ def manifold_step_sharded(groups: Sequence[ShardedManifoldGroup], group: Any) ->
     # -- phase 2 (local): the momentum direction; ONE all-reduce of the float64 Grams of dU
     grams = []
     for g in structured:
-        r, s, kw = g.rank, g.s, g.kw
-        beta, tau = kw["momentum"], kw["dampening"]
+        r, s, cfg = g.rank, g.s, g.cfg
+        beta, tau = cfg.momentum, cfg.dampening
         c = 1.0 - tau
         U, GQ, Q = s["U"], s["GQ"], s["Qt"].mT
         GtU = s["GtUt"].mT
@@ -460,7 +459,7 @@ def manifold_step_sharded(groups: Sequence[ShardedManifoldGroup], group: Any) ->
             dV = c * GtU + beta * (s["Rtold"].mT @ s["PtU"])
         else:
             dU, dV = c * proj_GQ, c * GtU
-        if beta and kw["nesterov"]:
+        if beta and cfg.nesterov:
             uU, uV = beta * dU + c * proj_GQ, beta * dV + c * GtU
         else:
             uU, uV = dU, dV
@@ -508,18 +507,16 @@ def manifold_step_sharded(groups: Sequence[ShardedManifoldGroup], group: Any) ->
     # new left factor's rows; ONE all-reduce of their Grams
     grams = []
     for g in structured:
-        r, s, kw = g.rank, g.s, g.kw
+        r, s, cfg = g.rank, g.s, g.cfg
         Q, V = s["Qt"].mT, s["Vt"].mT
         t = TangentQR(s["Qd"], s["A"], s["Qv"], s["Bm"], s["C"])
-        if kw["orthogonalize"]:
+        if cfg.orthogonalize:
             t = msign_tangent_qr(t, rtol=torch.finfo(g.cdt).eps * max(g.m, g.n))
-        if kw["momentum"]:
-            mU, mV = (
-                tangent_qr_to_factors(Q, t) if kw["store_orthogonalized"] else (s["dU"], s["dV"])
-            )
+        if cfg.momentum:
+            mU, mV = tangent_qr_to_factors(Q, t) if cfg.store_orthogonalized else (s["dU"], s["dV"])
             g.P_out = torch.cat([mU, s["U"]], dim=-1)
             g.Rt_out = torch.cat([s["Qt"], mV.mT], dim=-2)
-        Ur, Vr, S = retraction_core(V, Q, t, kw["lr"], kw["weight_decay"])
+        Ur, Vr, S = retraction_core(V, Q, t, cfg.lr, cfg.weight_decay)
         s["U_raw"] = s["U"] @ Ur[..., :r, :] + t.Qd @ Ur[..., r:, :]
         s["Vr"], s["S"], s["t"] = Vr, S, t
         s["G3"] = s["U_raw"].mT @ s["U_raw"]
@@ -556,7 +553,7 @@ def manifold_step_sharded(groups: Sequence[ShardedManifoldGroup], group: Any) ->
         with torch.no_grad():
             for b in g.B:
                 local(b)[:, :r].zero_()  # Z1 = 0
-            if g.kw["lr"] == 0:
+            if g.cfg.lr == 0:
                 continue
             new_rows = torch.cat([s["Q_new"].mT, s["V_new"].mT], dim=-2)  # (L, 2r, n)
             for j, (a, b) in enumerate(zip(g.A, g.B)):

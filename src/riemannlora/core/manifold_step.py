@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -57,7 +58,8 @@ from riemannlora.core.geometry import (
 __all__ = [
     "SCALE_LR_CHOICES",
     "Momentum",
-    "kept_in_bases",
+    "StepConfig",
+    "StepResult",
     "literal_step",
     "lr_multiplier",
     "manifold_step",
@@ -67,6 +69,45 @@ __all__ = [
 
 #: Accepted values of ``Riemannion(scale_lr=...)``.
 SCALE_LR_CHOICES = (None, "match_adamw")
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """The hyper-parameters of one step of a group of layers.
+
+    ``lr``: the step size of X (``lr * lr_multiplier`` of the layers' shape); ``weight_decay``:
+    decoupled, ``X <- X - lr (D + weight_decay X)``; ``momentum``: beta in ``[0, 1)``;
+    ``dampening``: tau, the new gradient enters as ``(1 - tau) xi_g`` (0 for Riemannion, beta
+    for Riemannian SGD); ``nesterov``: step along ``beta M + (1 - tau) xi_g`` instead of ``M``;
+    ``orthogonalize``: apply ``P_X(msign(.))`` (Riemannion) or not (SGD);
+    ``store_orthogonalized``: keep the orthogonalized direction as the momentum instead of M.
+    """
+
+    lr: float
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    orthogonalize: bool = True
+    store_orthogonalized: bool = False
+
+    @property
+    def keeps_bases(self) -> bool:
+        """Whether the step keeps its momentum in the bases of its direction (every momentum
+        but Nesterov's raw one, which is not the direction the QRs factor)."""
+        return bool(self.momentum) and not (self.nesterov and not self.store_orthogonalized)
+
+
+class StepResult(NamedTuple):
+    """What a kernel returns: the new point ``U`` ``(L, m, r)``, ``V``, ``Q`` ``(L, n, r)``; the
+    new ``momentum`` (None without momentum); and ``coords = (cu, cq)``, the new point's
+    coordinates in the momentum's bases (``U = Lb cu``, ``Q = Rb cq``; None when not known)."""
+
+    U: Tensor
+    V: Tensor
+    Q: Tensor
+    momentum: Momentum | None
+    coords: tuple[Tensor, Tensor] | None
 
 
 def lr_multiplier(scale_lr: str | None, m: int, n: int) -> float:
@@ -105,127 +146,116 @@ def manifold_step(
         GQ ``(..., m, r)``, GtU ``(..., n, r)``: ``G Q`` and ``G^T U`` from the backward pass.
         Pm ``(..., m, 2r)``, Rm ``(..., n, 2r)``: momentum ``Pm Rm^T`` of the previous step
             (None: zero momentum).
-        lr: step size; weight_decay: decoupled, ``X <- X - lr (D + weight_decay X)``.
-        momentum: beta in ``[0, 1)``; dampening: tau, the new gradient enters as
-            ``(1 - tau) xi_g`` (0 for Riemannion, beta for Riemannian SGD).
-        nesterov: use ``beta M + (1 - tau) xi_g`` instead of ``M``.
-        orthogonalize: apply ``P_X(msign(.))`` (Riemannion) or not (SGD).
-        store_orthogonalized: store the orthogonalized direction as momentum instead of M.
-        structured: use the structure of a stored point (orthonormal U and Q, V in
-            ``span(Q)``; the directions built here are tangent): the direction is factored by
-            :func:`~riemannlora.core.geometry.tangent_qr` (two QRs of width r),
-            orthogonalized and projected by :func:`~riemannlora.core.geometry.msign_tangent_qr`
-            (one ``2r x 2r`` SVD, no tall product) and retracted by
-            :func:`~riemannlora.core.geometry.retract_qr` (no QR of width 2r). Same result up to
-            rounding as the literal formulas of the spec (``structured=False``:
-            :func:`~riemannlora.core.geometry.msign_tangent`,
-            :func:`~riemannlora.core.geometry.project_tangent`,
-            :func:`~riemannlora.core.geometry.retract`, which also accept a non-orthonormal point).
-            With ``2r > min(m, n)`` the literal formulas are used.
+        lr, weight_decay, momentum, dampening, nesterov, orthogonalize, store_orthogonalized:
+            the fields of :class:`StepConfig`.
+        structured: the kernel, as ``torch.optim.adamw`` picks one by a flag:
+            :func:`structured_step`, which uses the structure of a stored point (orthonormal U
+            and Q, V in ``span(Q)``; the directions built here are tangent), or
+            :func:`literal_step`, the spec's formulas, which also accept a non-orthonormal
+            point. Same result up to rounding. With ``2r > min(m, n)`` the literal formulas
+            are used.
 
     Returns:
         ``(U_new, V_new, Q_new, Pm_new, Rm_new)`` in the compute dtype; the momentum factors are
         None when ``momentum == 0``.
     """
+    cfg = StepConfig(
+        lr, weight_decay, momentum, dampening, nesterov, orthogonalize, store_orthogonalized
+    )
     U, V, Q, GQ, GtU = to_compute_dtype(U, V, Q, GQ, GtU)
     m, r = U.shape[-2:]
     n = V.shape[-2]
-    kw = {
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "momentum": momentum,
-        "dampening": dampening,
-        "nesterov": nesterov,
-        "orthogonalize": orthogonalize,
-        "store_orthogonalized": store_orthogonalized,
-    }
-    if not structured or not structured_shape(m, n, r):
-        return literal_step(U, V, Q, GQ, GtU, Pm, Rm, **kw)
     batch = U.shape[:-2]
+    if structured and structured_shape(m, n, r):
+        kernel = structured_step
 
-    def flat(t: Tensor) -> Tensor:
-        return t.reshape(-1, *t.shape[-2:])
+        def wide(t: Tensor) -> Tensor:  # an owned (L, cols, rows) buffer: the kernel writes it
+            return t.mT.reshape(-1, *t.shape[-1:], t.shape[-2]).clone(
+                memory_format=torch.contiguous_format
+            )
 
-    # owned buffers in the layout structured_step works in (it overwrites them)
-    def wide(t: Tensor) -> Tensor:
-        return t.mT.reshape(-1, *t.shape[-1:], t.shape[-2]).clone(
-            memory_format=torch.contiguous_format
-        )
-
+        def wide_view(t: Tensor) -> Tensor:
+            return t.mT.reshape(-1, *t.shape[-1:], t.shape[-2])
+    else:
+        kernel = literal_step
+        wide = wide_view = _transposed
     Ut, Qt, Vt, GQt, GtUt = wide(U), wide(Q), wide(V), wide(GQ), wide(GtU)
-    L = Ut.shape[0]
-    mom = out_mom = None
+    mom = out = None
     if momentum:
         if Pm is not None and Rm is not None:
             Pm, Rm = to_compute_dtype(Pm, Rm)
-            mom = Momentum(flat(Pm.mT), flat(Rm.mT))
-        out_mom = Momentum.empty(Ut, L, r, m, n)
-    U_new, V_new, Q_new, _ = structured_step(Ut, Qt, Vt, GQt, GtUt, mom, out_mom, **kw)
-    out = [U_new.reshape(*batch, m, r), V_new.reshape(*batch, n, r), Q_new.reshape(*batch, n, r)]
-    if out_mom is None:
-        return out[0], out[1], out[2], None, None
+            mom = Momentum(wide_view(Pm), wide_view(Rm))
+        if kernel is structured_step:
+            out = Momentum.empty(Ut, Ut.shape[0], r, m, n)
+    res = kernel(Ut, Qt, Vt, GQt, GtUt, mom, cfg, out=out)
+    U_new = res.U.reshape(*batch, m, r)
+    V_new, Q_new = res.V.reshape(*batch, n, r), res.Q.reshape(*batch, n, r)
+    if res.momentum is None:
+        return U_new, V_new, Q_new, None, None
     # the plain factor pair: M = Lb core Rb^T = Lb (Rb core^T)^T
-    assert out_mom.core is not None
-    Rm_new = (out_mom.core @ out_mom.Rt).mT
-    return (
-        out[0],
-        out[1],
-        out[2],
-        out_mom.Pt.mT.reshape(*batch, m, 2 * r),
-        Rm_new.reshape(*batch, n, 2 * r),
-    )
+    Pt, Rt, core = res.momentum.Pt, res.momentum.Rt, res.momentum.core
+    Rm_new = (Rt if core is None else core @ Rt).mT
+    return U_new, V_new, Q_new, Pt.mT.reshape(*batch, m, 2 * r), Rm_new.reshape(*batch, n, 2 * r)
+
+
+def _transposed(t: Tensor) -> Tensor:
+    return t.mT
 
 
 def literal_step(
-    U: Tensor,
-    V: Tensor,
-    Q: Tensor,
-    GQ: Tensor,
-    GtU: Tensor,
-    Pm: Tensor | None,
-    Rm: Tensor | None,
+    Ut: Tensor,
+    Qt: Tensor,
+    Vt: Tensor,
+    GQt: Tensor,
+    GtUt: Tensor,
+    mom: Momentum | None,
+    cfg: StepConfig,
     *,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    orthogonalize: bool,
-    store_orthogonalized: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    """:func:`manifold_step` by the spec's formulas, term by term."""
+    out: Momentum | None = None,
+    scratch: Tensor | None = None,
+    packed: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> StepResult:
+    """The step by the spec's formulas, term by term, on the transposed point and gradient
+    blocks: Ut ``(..., r, m)`` = U^T, Qt, Vt ``(..., r, n)`` = Q^T, V^T, GQt ``(..., r, m)`` =
+    (G Q)^T, GtUt ``(..., r, n)`` = (G^T U)^T (any layout, read only), in the compute dtype;
+    ``mom``: the previous momentum (None: zero). The new momentum is the plain factor pair
+    ``M = [mU | U] [Q | mV]^T`` (no core); ``out``, ``scratch`` and ``packed`` are the
+    structured kernel's buffers, unused here."""
+    U, V, Q, GQ, GtU = Ut.mT, Vt.mT, Qt.mT, GQt.mT, GtUt.mT
     dU_g, dV_g = riemannian_gradient(U, GQ, GtU)
-    g = 1.0 - dampening
-    if momentum:
-        if Pm is None or Rm is None:
+    g = 1.0 - cfg.dampening
+    beta = cfg.momentum
+    if beta:
+        if mom is None:
             dU, dV = g * dU_g, g * dV_g
         else:
-            dU_p, dV_p = transport(U, Q, Pm, Rm)
-            dU, dV = momentum * dU_p + g * dU_g, momentum * dV_p + g * dV_g
-        if nesterov:
-            uU, uV = momentum * dU + g * dU_g, momentum * dV + g * dV_g
+            Pm = mom.Pt.mT if mom.core is None else mom.Pt.mT @ mom.core
+            dU_p, dV_p = transport(U, Q, Pm, mom.Rt.mT)
+            dU, dV = beta * dU_p + g * dU_g, beta * dV_p + g * dV_g
+        if cfg.nesterov:
+            uU, uV = beta * dU + g * dU_g, beta * dV + g * dV_g
         else:
             uU, uV = dU, dV
     else:
         dU, dV = uU, uV = dU_g, dV_g
-    if orthogonalize:
+    if cfg.orthogonalize:
         O_L, O_R = msign_tangent(U, Q, uU, uV)
         oU, oV = project_tangent(U, Q, O_L, O_R)
     else:
         oU, oV = uU, uV
-    U_new, V_new = retract(U, V, Q, oU, oV, lr, weight_decay)
+    U_new, V_new = retract(U, V, Q, oU, oV, cfg.lr, cfg.weight_decay)
     Q_new = orthonormal_basis(V_new)
-    if not momentum:
-        return U_new, V_new, Q_new, None, None
-    mU, mV = (oU, oV) if store_orthogonalized else (dU, dV)
+    if not beta:
+        return StepResult(U_new, V_new, Q_new, None, None)
+    mU, mV = (oU, oV) if cfg.store_orthogonalized else (dU, dV)
     Pm_new, Rm_new = tangent_to_factors(U, Q, mU, mV)
-    return U_new, V_new, Q_new, Pm_new, Rm_new
+    return StepResult(U_new, V_new, Q_new, Momentum(Pm_new.mT, Rm_new.mT), None)
 
 
 @dataclass(eq=False)
 class Momentum:
     """The momentum of a stack of ``L`` layers of equal shape, ``M = Lb core Rb^T`` per layer,
-    in the wide layout of :func:`structured_step`: ``Pt = Lb^T`` ``(L, 2r, m)``,
+    in the wide layout of the kernels: ``Pt = Lb^T`` ``(L, 2r, m)``,
     ``Rt = Rb^T`` ``(L, 2r, n)`` contiguous, ``core`` ``(L, 2r, 2r)`` (None: the identity, i.e.
     the factor pair ``M = Lb Rb^T``).
 
@@ -267,25 +297,20 @@ def structured_step(
     GQt: Tensor,
     GtUt: Tensor,
     mom: Momentum | None,
-    out: Momentum | None,
+    cfg: StepConfig,
     *,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    orthogonalize: bool,
-    store_orthogonalized: bool,
+    out: Momentum | None = None,
     scratch: Tensor | None = None,
     packed: tuple[Tensor, Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+) -> StepResult:
     """The structured step on stacked ``(L, ., .)`` buffers in the compute dtype, every tall
     matrix transposed ("wide", ``(L, r, rows)`` contiguous, i.e. column-major): MKL's products
     with a small ``r`` run two to four times faster in that layout than on row-major tall
     matrices, and LAPACK's QR works in it in place.
 
-    Ut ``(L, r, m)`` = U^T, GQt ``(L, r, m)`` = (G Q)^T, Qt, Vt, GtUt ``(L, r, n)`` = Q^T, V^T,
-    (G^T U)^T, all owned by the step and overwritten (Ut, Qt, Vt may be the blocks of
+    The arguments as :func:`literal_step`'s. Ut ``(L, r, m)`` = U^T, GQt ``(L, r, m)`` =
+    (G Q)^T, Qt, Vt, GtUt ``(L, r, n)`` = Q^T, V^T, (G^T U)^T, all owned by the step and
+    overwritten (Ut, Qt, Vt may be the blocks of
     ``packed = (pa, pb, Yt)``, see :func:`~riemannlora.core.geometry.retract_qr_`, into which
     the new point is then written whole); ``mom``: the previous momentum (None:
     zero; its ``cu``, ``cq`` are computed when None). The new momentum is written into
@@ -293,10 +318,10 @@ def structured_step(
     own buffers: those are read before they are written, so the optimizer updates its momentum
     in place). ``scratch``: a contiguous buffer of Ut's shape and dtype (None: one is
     allocated). Products written into a slice of a larger batch go through a temporary on CPU,
-    so the outputs are best contiguous (with ``packed``, whole ``pa``, ``pb`` are). Returns
-    ``(U_new, V_new, Q_new, coords)``: the new point, column-major, in the memory of Ut, Vt and
-    Qt (views of ``packed``'s buffers when given), and its coordinates ``(cu, cq)`` in the new momentum's bases (None when not known:
-    without momentum; with Nesterov, whose momentum factors ``[dU | U]``, ``[Q | dV]`` are not
+    so the outputs are best contiguous (with ``packed``, whole ``pa``, ``pb`` are). The new
+    point is column-major, in the memory of Ut, Vt and Qt (views of ``packed``'s buffers when
+    given); its coordinates ``(cu, cq)`` in the new momentum's bases are None when not known
+    (without momentum; with Nesterov, whose momentum factors ``[dU | U]``, ``[Q | dV]`` are not
     orthonormal; after a Householder fallback of the retraction).
 
     With the momentum ``M = Lb core Rb^T``, ``cu = Lb^T U``, ``cq = Rb^T Q``,
@@ -311,14 +336,14 @@ def structured_step(
     (``mom.in_span``: ``U = Lb cu``, ``Q = Rb cq``), ``dU = g G Q + Lb (beta Z - cu K1)`` and
     ``W = g G^T U + Rb (beta Y - cq B)``: one product with each stacked basis.
     """
-    g = 1.0 - dampening
-    beta = momentum
+    g = 1.0 - cfg.dampening
+    beta = cfg.momentum
     r = Ut.shape[-2]
     prev = mom if beta else None  # the momentum that enters
     # where the new momentum goes: the bases of the direction (QRs below), or for Nesterov's raw
     # momentum, which is not the direction the QRs factor, its own factor pair
     keep = out if beta else None
-    raw_pair = not kept_in_bases(beta, nesterov, store_orthogonalized)
+    raw_pair = not cfg.keeps_bases
     H = Ut @ GQt.mT  # U^T G Q (r, r)
     # Q^T G^T U: (U^T G Q)^T only up to the rounding of the two gradient blocks (bf16 models)
     E = Qt @ GtUt.mT
@@ -331,7 +356,7 @@ def structured_step(
         B = torch.baddbmm(E, cq.mT, Y, beta=g, alpha=beta)  # Q^T dV
     else:
         K1, B = H * g, E * g
-    if beta and nesterov:
+    if beta and cfg.nesterov:
         # the momentum M = (dU, dV) and the direction beta M + g xi_g, which the QRs factor
         if prev is not None:
             dUt = torch.baddbmm(GQt, Z.mT, prev.Pt, beta=g, alpha=beta)
@@ -364,36 +389,31 @@ def structured_step(
     core = None
     if in_bases is not None:  # bases [Qd | U], [Q | Qv]; the core of the raw direction
         _store_bases(in_bases, t.Qd.mT, Ut, Qt, t.Qv.mT)
-        if not store_orthogonalized:
+        if not cfg.store_orthogonalized:
             core = tangent_core(t, out=in_bases.core)
-    if orthogonalize:
+    if cfg.orthogonalize:
         t = msign_tangent_qr(t, core=core)
-    if in_bases is not None and store_orthogonalized:
+    if in_bases is not None and cfg.store_orthogonalized:
         tangent_core(t, out=in_bases.core)
-    return retract_qr_(
+    U_new, V_new, Q_new, coords = retract_qr_(
         Ut.mT,
         Vt.mT,
         Qt.mT,
         t,
-        lr,
-        weight_decay,
+        cfg.lr,
+        cfg.weight_decay,
         scratch=scratch,
         overwrite=True,
         bases=None if in_bases is None else (in_bases.Pt, in_bases.Rt),
         packed=packed,
     )
+    return StepResult(U_new, V_new, Q_new, keep, coords)
 
 
 def structured_shape(m: int, n: int, r: int) -> bool:
     """Whether layers of this shape step by :func:`structured_step` (``2r <= min(m, n)``, so
     the bases ``[Qd | U]``, ``[Q | Qv]`` fit), when they are not sharded."""
     return 2 * r <= min(m, n)
-
-
-def kept_in_bases(momentum: float, nesterov: bool, store_orthogonalized: bool) -> bool:
-    """Whether a step keeps its momentum in the bases of its direction (every momentum but
-    Nesterov's raw one, which is not the direction the QRs factor)."""
-    return bool(momentum) and not (nesterov and not store_orthogonalized)
 
 
 def _store_bases(out: Momentum, Lt1: Tensor, Ut: Tensor, Qt: Tensor, Rt2: Tensor) -> None:

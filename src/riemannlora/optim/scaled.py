@@ -21,6 +21,7 @@ from riemannlora.distributed import local, precondition_local, wrap_like
 from riemannlora.optim.functional import adamw_from_group
 from riemannlora.optim.guard import NonFiniteGuard
 from riemannlora.optim.validation import (
+    check_beta,
     check_group_hyperparameters,
     check_lora_pair,
     check_number,
@@ -280,9 +281,7 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
         if not isinstance(betas, tuple | list) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         for k, beta in enumerate(betas):
-            check_number(f"betas[{k}]", beta)
-            if not 0.0 <= float(beta) < 1.0:
-                raise ValueError(f"betas[{k}] must be in [0, 1), got {beta}")
+            check_beta(f"betas[{k}]", beta)
         check_number("eps", eps, low=0.0)
         check_number("weight_decay", weight_decay, low=0.0)
         if not bias_correction and (amsgrad or maximize):
