@@ -57,6 +57,7 @@ from riemannlora.optim.functional import adamw_from_group
 from riemannlora.optim.guard import NonFiniteGuard
 from riemannlora.optim.validation import (
     check_beta,
+    check_betas,
     check_bool,
     check_manifold_state_dict,
     check_number,
@@ -104,10 +105,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             raise ValueError("nesterov=True requires momentum > 0")
         if adamw_lr is not None:
             check_number("adamw_lr", adamw_lr, low=0.0, strict=True)
-        if not isinstance(adamw_betas, tuple | list) or len(adamw_betas) != 2:
-            raise ValueError(f"adamw_betas must be a pair (beta1, beta2), got {adamw_betas!r}")
-        for k, beta in enumerate(adamw_betas):
-            check_beta(f"adamw_betas[{k}]", beta)
+        check_betas("adamw_betas", adamw_betas)
         check_number("adamw_eps", adamw_eps, low=0.0)
         check_number("adamw_weight_decay", adamw_weight_decay, low=0.0)
         self._init_guard(nonfinite)

@@ -21,7 +21,7 @@ from riemannlora.distributed import local, precondition_local, wrap_like
 from riemannlora.optim.functional import adamw_from_group
 from riemannlora.optim.guard import NonFiniteGuard
 from riemannlora.optim.validation import (
-    check_beta,
+    check_betas,
     check_group_hyperparameters,
     check_lora_pair,
     check_number,
@@ -278,10 +278,7 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
         check_number("lr", lr, low=0.0, strict=True)
         if foreach and fused:
             raise ValueError("foreach=True and fused=True cannot be used together (as in torch)")
-        if not isinstance(betas, tuple | list) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        for k, beta in enumerate(betas):
-            check_beta(f"betas[{k}]", beta)
+        check_betas("betas", betas)
         check_number("eps", eps, low=0.0)
         check_number("weight_decay", weight_decay, low=0.0)
         if not bias_correction and (amsgrad or maximize):

@@ -14,6 +14,7 @@ from riemannlora.distributed import local
 
 __all__ = [
     "check_beta",
+    "check_betas",
     "check_bool",
     "check_group_hyperparameters",
     "check_lora_pair",
@@ -36,6 +37,14 @@ def check_beta(name: str, value: Any) -> None:
     check_number(name, value)
     if not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+def check_betas(name: str, betas: Any) -> None:
+    """Raise unless ``betas`` is a pair of numbers in ``[0, 1)`` (Adam's betas)."""
+    if not isinstance(betas, tuple | list) or len(betas) != 2:
+        raise ValueError(f"{name} must be a pair (beta1, beta2), got {betas!r}")
+    for k, beta in enumerate(betas):
+        check_beta(f"{name}[{k}]", beta)
 
 
 def check_number(name: str, value: Any, *, low: float | None = None, strict: bool = False) -> None:
@@ -149,18 +158,8 @@ def check_state_dict(
                     f"saved by another optimizer type than {type(opt).__name__}"
                 )
             for k, v in st.items():
-                if not isinstance(v, Tensor):
-                    continue
-                if v.dim() > 0 and v.shape != p.shape:
-                    raise ValueError(
-                        f"optimizer state '{k}' has shape {tuple(v.shape)} but the parameter "
-                        f"is {tuple(p.shape)}: the state dict is from another model or rank"
-                    )
-                if v.is_floating_point() and not bool(torch.isfinite(local(v)).all()):
-                    raise ValueError(
-                        f"optimizer state '{k}' of {name(p)} holds NaN/Inf: the "
-                        "checkpoint is corrupt"
-                    )
+                if isinstance(v, Tensor):
+                    _check_state_tensor(k, v, () if v.dim() == 0 else tuple(p.shape), p, name)
 
 
 def _same_scalings(saved: Any, mine: list[float]) -> bool:
@@ -221,13 +220,20 @@ def check_manifold_state_dict(
                     }.get(key, (2 * r, r))
                 else:
                     expected = () if value.dim() == 0 else tuple(p.shape)
-                if tuple(value.shape) != expected:
-                    raise ValueError(
-                        f"optimizer state '{key}' of {name(p)} has shape {tuple(value.shape)}, "
-                        f"expected {expected}: the state dict is from another model or rank"
-                    )
-                if value.is_floating_point() and not bool(torch.isfinite(local(value)).all()):
-                    raise ValueError(
-                        f"optimizer state '{key}' of {name(p)} holds NaN/Inf: the checkpoint "
-                        "is corrupt; nothing was loaded"
-                    )
+                _check_state_tensor(key, value, expected, p, name)
+
+
+def _check_state_tensor(
+    key: str, value: Tensor, expected: tuple[int, ...], p: Tensor, name: Callable[[Tensor], str]
+) -> None:
+    """Raise unless the state entry ``key`` of ``p`` has the ``expected`` shape and is finite."""
+    if tuple(value.shape) != expected:
+        raise ValueError(
+            f"optimizer state '{key}' of {name(p)} has shape {tuple(value.shape)}, expected "
+            f"{expected}: the state dict is from another model or rank"
+        )
+    if value.is_floating_point() and not bool(torch.isfinite(local(value)).all()):
+        raise ValueError(
+            f"optimizer state '{key}' of {name(p)} holds NaN/Inf: the checkpoint is corrupt; "
+            "nothing was loaded"
+        )
