@@ -46,8 +46,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from riemannlora.core.rows import RowSteps, RowSum, TallQR, over_whole_rows, positive_diagonal_
+
 __all__ = [
     "TangentQR",
+    "cholesky_qr2_steps",
     "compute_dtype",
     "msign_tangent",
     "msign_tangent_qr",
@@ -57,11 +60,13 @@ __all__ = [
     "retract",
     "retract_qr",
     "retract_qr_",
+    "retract_qr_steps",
     "retraction_core",
     "riemannian_gradient",
     "tangent_core",
     "tangent_qr",
     "tangent_qr_parts_",
+    "tangent_qr_steps",
     "tangent_qr_to_factors",
     "tangent_to_dense",
     "tangent_to_factors",
@@ -96,9 +101,7 @@ def qr_positive(A: Tensor) -> tuple[Tensor, Tensor]:
     """
     (A,) = to_compute_dtype(A)
     Q, R = torch.linalg.qr(A, mode="reduced")
-    diag = torch.diagonal(R, dim1=-2, dim2=-1)
-    sign = torch.where(diag < 0, -1.0, 1.0).to(A.dtype)
-    return Q * sign.unsqueeze(-2), R * sign.unsqueeze(-1)
+    return positive_diagonal_(Q, R)
 
 
 def orthonormal_basis(V: Tensor) -> Tensor:
@@ -289,20 +292,21 @@ def _tangent_qr_(Q: Tensor, dU: Tensor, dV: Tensor) -> TangentQR:
     return tangent_qr_parts_(dU, W, B)
 
 
-def tangent_qr_parts_(dU: Tensor, W: Tensor, B: Tensor) -> TangentQR:
+def tangent_qr_steps(dU: Tensor, W: Tensor, B: Tensor) -> RowSteps[TangentQR]:
     """:class:`TangentQR` of ``dU Q^T + U (Q B + W)^T`` from its parts (``U^T dU = 0``,
-    ``Q^T W = 0``), by QRs in place in the column-major dU (-> Qd) and W (-> Qv)."""
+    ``Q^T W = 0``), by QRs in place in the column-major dU (-> Qd) and W (-> Qv), on this
+    process's rows of dU (see :mod:`riemannlora.core.rows`; W and B whole;
+    :func:`tangent_qr_parts_` over whole rows). The QR of dU is asked with ``diag(A) >= 0``:
+    for a full-rank dU the factors are then unique, so a sharded answer (Cholesky-QR from
+    all-reduced Grams) gives the same Qd as Householder's."""
     r = dU.shape[-1]
-    A = dU.new_empty(*dU.shape[:-2], r, r)
     C = dU.new_empty(*W.shape[:-2], r, r)
-    torch.linalg.qr(dU, out=(dU, A))
-    # diag(A) >= 0: for a full-rank dU the factors are then unique, so a sharded computation
-    # (Cholesky-QR from an all-reduced Gram, riemannlora.distributed) gets the same Qd
-    sign = torch.where(torch.diagonal(A, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(A.dtype)
-    dU.mul_(sign.unsqueeze(-2))
-    A.mul_(sign.unsqueeze(-1))
+    Qd, A = yield TallQR(dU, positive=True)
     torch.linalg.qr(W, out=(W, C))
-    return TangentQR(dU, A, W, B, C)
+    return TangentQR(Qd, A, W, B, C)
+
+
+tangent_qr_parts_ = over_whole_rows(tangent_qr_steps, "tangent_qr_parts_")
 
 
 def tangent_core(t: TangentQR, out: Tensor | None = None) -> Tensor:
@@ -412,6 +416,29 @@ def _cholesky_factors(G: Tensor) -> tuple[Tensor, Tensor] | None:
     return torch.linalg.solve_triangular(R, eye.expand_as(R), upper=True), R
 
 
+def cholesky_qr2_steps(Y: Tensor) -> RowSteps[tuple[Tensor, Tensor] | None]:
+    """``(Q, R)`` with ``Y = Q R``, Q orthonormal to working precision and ``diag(R) > 0`` (the
+    normalized Householder factors, up to rounding), by Cholesky-QR2 on this process's rows of
+    the tall Y ``(..., k, r)``: two Grams in float64, each summed over the row shards (see
+    :mod:`riemannlora.core.rows`), the second pass making the basis orthonormal. None when
+    Y is rank-deficient or too ill-conditioned for it (the caller falls back to Householder)."""
+    y64 = Y.to(torch.float64)
+    G1 = y64.mT @ y64
+    yield RowSum([G1])
+    R1, info = torch.linalg.cholesky_ex(G1, upper=True)
+    if not bool((info == 0).all()):  # the same on every process: G1 was summed
+        return None
+    eye = torch.eye(Y.shape[-1], dtype=R1.dtype, device=R1.device)
+    Q1 = Y @ torch.linalg.solve_triangular(R1, eye, upper=True).to(Y.dtype)
+    q64 = Q1.to(torch.float64)
+    G2 = q64.mT @ q64
+    yield RowSum([G2])
+    chol = _cholesky_factors(G2)
+    if chol is None:
+        return None
+    return Q1 @ chol[0].to(Q1.dtype), (chol[1] @ R1).to(Q1.dtype)
+
+
 def retract_qr(
     U: Tensor,
     V: Tensor,
@@ -464,7 +491,7 @@ def retraction_core(
     return Ur, Vr, S
 
 
-def retract_qr_(
+def retract_qr_steps(
     U: Tensor,
     V: Tensor,
     Q: Tensor,
@@ -475,12 +502,14 @@ def retract_qr_(
     overwrite: bool = False,
     bases: tuple[Tensor, Tensor] | None = None,
     packed: tuple[Tensor, Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
-    """:func:`retract_qr`; ``overwrite=True`` reuses the memory of its inputs for the outputs
-    (U_new in U, Q_new in Q, V_new in V, which also holds a scratch column basis; U, V, Q,
-    ``t.Qv`` column-major) and ``scratch`` (a contiguous tensor of U^T's shape) for
-    ``([U | Qd] Uc)^T``: no tall allocation on the fast path; the Householder fallbacks copy
-    their results into the same memory, so callers read U, V and Q whichever path ran.
+) -> RowSteps[tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]]:
+    """:func:`retract_qr` on this process's rows of U, ``t.Qd`` and ``bases[0]`` (see
+    :mod:`riemannlora.core.rows`; the n-side whole; :func:`retract_qr_` over whole rows).
+    ``overwrite=True`` reuses the memory of its inputs for the outputs (U_new in U, Q_new in
+    Q, V_new in V, which also holds a scratch column basis; U, V, Q, ``t.Qv`` column-major)
+    and ``scratch`` (a contiguous tensor of U^T's shape) for ``([U | Qd] Uc)^T``: no tall
+    allocation on the fast path; the Householder fallbacks copy their results into the same
+    memory, so callers read U, V and Q whichever path ran.
 
     ``bases``: ``(Lt, Rt)``, contiguous copies of the transposed bases ``Lt = [Qd | U]^T``
     ``(..., 2r, m)`` and ``Rt = [Q | Qv]^T`` ``(..., 2r, n)`` (e.g. the new momentum's): the new
@@ -503,10 +532,12 @@ def retract_qr_(
     else:
         Ur_b = torch.cat([Ur[..., r:, :], Ur[..., :r, :]], -2)  # in the order of Lt
         U_raw = _mm(Ur_b.mT, bases[0], out=scratch).mT
-    chol = _cholesky_qr(U_raw)
+    gram = U_raw.mT @ U_raw
+    yield RowSum([gram])
+    chol = _cholesky_factors(gram)  # one Cholesky-QR step (see _cholesky_qr)
     cu = None  # U_new = [Qd | U] cu, when the bases are given and Cholesky-QR ran
     if chol is None:
-        U_new, Ru = torch.linalg.qr(U_raw)
+        U_new, Ru = yield TallQR(U_raw, positive=False)
         if overwrite:
             U_new = U.copy_(U_new)
     else:
@@ -544,6 +575,9 @@ def retract_qr_(
     # V_new into V's memory (Y is no longer needed)
     V_newt = _mm(T, Q_newt, out=V.mT if overwrite else None)
     return U_new, V_newt.mT, Q_newt.mT, coords
+
+
+retract_qr_ = over_whole_rows(retract_qr_steps, "retract_qr_")
 
 
 def to_dense(U: Tensor, V: Tensor) -> Tensor:

@@ -46,14 +46,15 @@ from riemannlora.core.geometry import (
     orthonormal_basis,
     project_tangent,
     retract,
-    retract_qr_,
+    retract_qr_steps,
     riemannian_gradient,
     tangent_core,
-    tangent_qr_parts_,
+    tangent_qr_steps,
     tangent_to_factors,
     to_compute_dtype,
     transport,
 )
+from riemannlora.core.rows import RowSteps, RowSum, over_whole_rows
 
 __all__ = [
     "SCALE_LR_CHOICES",
@@ -65,6 +66,7 @@ __all__ = [
     "manifold_step",
     "structured_shape",
     "structured_step",
+    "structured_steps",
 ]
 
 #: Accepted values of ``Riemannion(scale_lr=...)``.
@@ -290,7 +292,7 @@ class Momentum:
         return (Ut @ self.Pt.mT).mT, (Qt @ self.Rt.mT).mT
 
 
-def structured_step(
+def structured_steps(
     Ut: Tensor,
     Qt: Tensor,
     Vt: Tensor,
@@ -302,7 +304,8 @@ def structured_step(
     out: Momentum | None = None,
     scratch: Tensor | None = None,
     packed: tuple[Tensor, Tensor, Tensor] | None = None,
-) -> StepResult:
+    m: int | None = None,
+) -> RowSteps[StepResult]:
     """The structured step on stacked ``(L, ., .)`` buffers in the compute dtype, every tall
     matrix transposed ("wide", ``(L, r, rows)`` contiguous, i.e. column-major): MKL's products
     with a small ``r`` run two to four times faster in that layout than on row-major tall
@@ -347,9 +350,16 @@ def structured_step(
     H = Ut @ GQt.mT  # U^T G Q (r, r)
     # Q^T G^T U: (U^T G Q)^T only up to the rounding of the two gradient blocks (bf16 models)
     E = Qt @ GtUt.mT
+    if prev is not None and prev.cu is not None:
+        cu, cq = prev.cu, prev.cq
+        yield RowSum([H])
+    elif prev is not None:
+        cu, cq = prev.transport(Ut, Qt)
+        yield RowSum([H, cu])
+    else:
+        yield RowSum([H])
     if prev is not None:
-        cu, cq = (prev.cu, prev.cq) if prev.cu is not None else prev.transport(Ut, Qt)
-        assert cq is not None
+        assert cu is not None and cq is not None
         Z = cq if prev.core is None else prev.core @ cq
         Y = cu if prev.core is None else prev.core.mT @ cu
         K1 = torch.baddbmm(H, cu.mT, Z, beta=g, alpha=beta)  # U^T (g G Q + beta M Q)
@@ -372,7 +382,7 @@ def structured_step(
             assert keep.core is not None
             _store_bases(keep, dUt, Ut, Qt, dVt)
             keep.core.copy_(torch.eye(2 * r, dtype=Ut.dtype, device=Ut.device))
-        t = tangent_qr_parts_(uUt.mT, uWt.mT, Bu)
+        t = yield from tangent_qr_steps(uUt.mT, uWt.mT, Bu)
     else:
         if prev is not None and prev.in_span and prev.cu is not None:
             # U = Lb cu, Q = Rb cq: one product with each basis
@@ -384,7 +394,7 @@ def structured_step(
         else:
             dUt = GQt.baddbmm_(K1.mT, Ut, beta=g, alpha=-1.0)
             Wt = GtUt.baddbmm_(B.mT, Qt, beta=g, alpha=-1.0)
-        t = tangent_qr_parts_(dUt.mT, Wt.mT, B)  # Qd, Qv overwrite dU, W
+        t = yield from tangent_qr_steps(dUt.mT, Wt.mT, B)  # Qd, Qv overwrite dU, W
     in_bases = keep if keep is not None and not raw_pair else None
     core = None
     if in_bases is not None:  # bases [Qd | U], [Q | Qv]; the core of the raw direction
@@ -392,10 +402,11 @@ def structured_step(
         if not cfg.store_orthogonalized:
             core = tangent_core(t, out=in_bases.core)
     if cfg.orthogonalize:
-        t = msign_tangent_qr(t, core=core)
+        rtol = torch.finfo(Ut.dtype).eps * max(Ut.shape[-1] if m is None else m, Qt.shape[-1])
+        t = msign_tangent_qr(t, rtol=rtol, core=core)
     if in_bases is not None and cfg.store_orthogonalized:
         tangent_core(t, out=in_bases.core)
-    U_new, V_new, Q_new, coords = retract_qr_(
+    U_new, V_new, Q_new, coords = yield from retract_qr_steps(
         Ut.mT,
         Vt.mT,
         Qt.mT,
@@ -408,6 +419,10 @@ def structured_step(
         packed=packed,
     )
     return StepResult(U_new, V_new, Q_new, keep, coords)
+
+
+#: :func:`structured_steps` over whole rows (one process)
+structured_step = over_whole_rows(structured_steps, "structured_step")
 
 
 def structured_shape(m: int, n: int, r: int) -> bool:

@@ -15,7 +15,7 @@ from torch import Tensor
 from riemannlora import distributed
 from riemannlora.core.geometry import compute_dtype
 from riemannlora.core.manifold_step import Momentum, manifold_step, structured_step
-from riemannlora.optim._momentum import drop_core, plain_left, stack_zero_filled
+from riemannlora.optim._momentum import drop_core, plain_left, stack_momentum, stack_zero_filled
 from riemannlora.optim._plan import LayerGroup, ManifoldPlan
 
 __all__ = ["run_plan"]
@@ -177,31 +177,30 @@ def step_literal(g: LayerGroup, state: State) -> None:
 def step_sharded(groups: list[LayerGroup], process_group: Any, state: State) -> None:
     """The groups of layers row-sharded over one process group, by
     :func:`riemannlora.distributed.manifold_step_sharded` (every collective batched over all
-    of them). The momentum enters as local rows of the left factors and whole right factors,
-    and is stored as DTensors: ``momentum_left`` ``(m, 2r)`` row-sharded like ``lora_B``,
-    ``momentum_right`` ``(n, 2r)`` replicated."""
+    of them), with the momentum stacked from the local shards of the states. It is stored as
+    the plain factor pair ``M = Lb (Rb core^T)^T`` of DTensors: ``momentum_left`` ``(m, 2r)``
+    row-sharded like ``lora_B``, ``momentum_right`` ``(n, 2r)`` replicated."""
     sharded = []
     for g in groups:
-        A, B, r, n = g.A, g.B, g.key.rank, g.key.n
-        Pm = Rmt = None
-        lefts = [plain_left(state[b]) for b in B]
-        present = [x for x in lefts if x is not None]
-        if g.cfg.momentum and present:
-            rows = distributed.local(B[0]).shape[0]
-            Pm = stack_zero_filled(lefts, (rows, 2 * r), present[0])
-            rights = [state[a].get("momentum_right") for a in A]
-            Rmt = stack_zero_filled(
-                [None if x is None else distributed.local(x).mT for x in rights], (2 * r, n), Pm
-            )
-        cdt = compute_dtype(distributed.local(A[0]), *([] if Pm is None else [Pm]))
-        sharded.append(distributed.ShardedManifoldGroup(A, B, r, g.cfg, Pm, Rmt, cdt))
+        mom = None
+        if g.cfg.momentum:
+            states_b, states_a = g.states(state)
+            rows = distributed.local(g.B[0]).shape[0]
+            mom = stack_momentum(states_b, states_a, rows, g.key.n, g.key.rank)
+        if mom is not None:
+            mom.cu = mom.cq = None  # the transport is computed from the point
+            mom.in_span = False
+        cdt = compute_dtype(distributed.local(g.A[0]), *([] if mom is None else [mom.Pt]))
+        sharded.append(distributed.ShardedManifoldGroup(g.A, g.B, g.key.rank, g.cfg, mom, cdt))
     distributed.manifold_step_sharded(sharded, process_group)
     for s in sharded:
-        if s.P_out is None or s.Rt_out is None:
+        new = s.new_momentum
+        if new is None:
             continue
+        right = new.Rt if new.core is None else new.core @ new.Rt
         for j, (a, b) in enumerate(zip(s.A, s.B)):
-            state[b]["momentum_left"] = distributed.wrap_rows(s.P_out[j], b, (s.m, 2 * s.rank))
-            state[a]["momentum_right"] = distributed.wrap_replicated(s.Rt_out[j].mT, a)
+            state[b]["momentum_left"] = distributed.wrap_rows(new.Pt[j].mT, b, (s.m, 2 * s.rank))
+            state[a]["momentum_right"] = distributed.wrap_replicated(right[j].mT, a)
             drop_core(state[b], state[a])
 
 

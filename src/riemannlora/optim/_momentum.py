@@ -53,28 +53,30 @@ def stack_zero_filled(ts: list[Tensor | None], shape: tuple[int, ...], ref: Tens
 def stack_momentum(
     states_b: list[dict[str, Any]], states_a: list[dict[str, Any]], m: int, n: int, r: int
 ) -> Momentum | None:
-    """The momentum of a group of ``(m, n)`` layers of rank r stacked from their states, in
-    the wide layout (None: no layer has one yet). Its transport coordinates are those of the
-    states when every layer has them (``in_span`` claimed, to be checked against the point)."""
+    """The momentum of a group of layers of rank r stacked from their states (local shards of
+    DTensors: ``m`` is the number of this process's rows of ``momentum_left``), in the wide
+    layout (None: no layer has one yet). Its transport coordinates are those of the states
+    when every layer has them (``in_span`` claimed, to be checked against the point)."""
+    local = distributed.local
     lefts = [st.get("momentum_left") for st in states_b]
     present = [x for x in lefts if x is not None]
     if not present:
         return None
-    ref = present[0]
+    ref = local(present[0])
     rights = [st.get("momentum_right") for st in states_a]
     mom = Momentum(
-        stack_zero_filled([None if x is None else x.mT for x in lefts], (2 * r, m), ref),
-        stack_zero_filled([None if x is None else x.mT for x in rights], (2 * r, n), ref),
+        stack_zero_filled([None if x is None else local(x).mT for x in lefts], (2 * r, m), ref),
+        stack_zero_filled([None if x is None else local(x).mT for x in rights], (2 * r, n), ref),
     )
     cores = [st.get("momentum_core") for st in states_b]
     if any(x is not None for x in cores):
         eye = torch.eye(2 * r, dtype=ref.dtype, device=ref.device)
-        mom.core = torch.stack([eye if x is None else x.to(ref) for x in cores])
+        mom.core = torch.stack([eye if x is None else local(x).to(ref) for x in cores])
     cus = [st.get("transport_left") for st in states_b]
     cqs = [st.get("transport_right") for st in states_a]
     if all(x is not None for x in cus + cqs):
-        mom.cu = torch.stack([x.to(ref) for x in cus])  # type: ignore[union-attr]
-        mom.cq = torch.stack([x.to(ref) for x in cqs])  # type: ignore[union-attr]
+        mom.cu = torch.stack([local(x).to(ref) for x in cus])  # type: ignore[arg-type]
+        mom.cq = torch.stack([local(x).to(ref) for x in cqs])  # type: ignore[arg-type]
         mom.in_span = True
     return mom
 
