@@ -4,7 +4,6 @@ in the state (:mod:`riemannlora.optim._momentum`)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from itertools import chain
 from typing import Any
@@ -13,9 +12,9 @@ import torch
 from torch import Tensor
 
 from riemannlora import distributed
-from riemannlora.core.geometry import compute_dtype
-from riemannlora.core.manifold_step import Momentum, manifold_step, structured_step
-from riemannlora.optim._momentum import drop_core, plain_left, stack_momentum, stack_zero_filled
+from riemannlora.core.geometry import compute_dtype, to_compute_dtype
+from riemannlora.core.manifold_step import Momentum, literal_step, structured_step
+from riemannlora.optim._momentum import drop_core, stack_momentum
 from riemannlora.optim._plan import LayerGroup, ManifoldPlan
 
 __all__ = ["run_plan"]
@@ -144,33 +143,30 @@ def _keep_momentum(
 
 
 def step_literal(g: LayerGroup, state: State) -> None:
-    """One group by the spec's literal formulas (``2r > min(m, n)``); the momentum is stored
-    as a plain factor pair."""
+    """One group by the literal kernel (``2r > min(m, n)``); the momentum is stored as a plain
+    factor pair."""
     A, B, cfg = g.A, g.B, g.cfg
-    m, n, r, dtype = g.key.m, g.key.n, g.key.rank, g.key.dtype
-    U = torch.stack([b[:, r : 2 * r] for b in B])
-    V = torch.stack([a[r : 2 * r].mT for a in A])
-    Q = torch.stack([a[:r].mT for a in A])
-    GQ = torch.stack([b.grad[:, :r] for b in B])
-    GtU = torch.stack([a.grad[r : 2 * r].mT for a in A])
-    lefts = [plain_left(state[b]) for b in B]
-    present = [x for x in lefts if x is not None]
-    Pm = Rm = None
-    if present:
-        Pm = stack_zero_filled(lefts, (m, 2 * r), present[0])
-        Rm = stack_zero_filled([state[a].get("momentum_right") for a in A], (n, 2 * r), Pm)
-    U_new, V_new, Q_new, Pm_new, Rm_new = manifold_step(
-        U, V, Q, GQ, GtU, Pm, Rm, structured=False, **dataclasses.asdict(cfg)
+    r, dtype = g.key.rank, g.key.dtype
+    U, V, Q, GQ, GtU = to_compute_dtype(
+        torch.stack([b[:, r : 2 * r] for b in B]),
+        torch.stack([a[r : 2 * r].mT for a in A]),
+        torch.stack([a[:r].mT for a in A]),
+        torch.stack([b.grad[:, :r] for b in B]),
+        torch.stack([a.grad[r : 2 * r].mT for a in A]),
     )
+    states_b, states_a = g.states(state)
+    mom = stack_momentum(states_b, states_a, g.key.m, g.key.n, r)
+    res = literal_step(U.mT, Q.mT, V.mT, GQ.mT, GtU.mT, mom, cfg)
     torch._foreach_zero_([b[:, :r] for b in B])  # Z1 stays 0
     if cfg.lr != 0:  # lr = 0 keeps the point exactly
-        torch._foreach_copy_([b[:, r : 2 * r] for b in B], list(U_new.to(dtype).unbind(0)))
-        torch._foreach_copy_([a[:r] for a in A], list(Q_new.mT.to(dtype).unbind(0)))
-        torch._foreach_copy_([a[r : 2 * r] for a in A], list(V_new.mT.to(dtype).unbind(0)))
-    if Pm_new is not None and Rm_new is not None:
+        torch._foreach_copy_([b[:, r : 2 * r] for b in B], list(res.U.to(dtype).unbind(0)))
+        torch._foreach_copy_([a[:r] for a in A], list(res.Q.mT.to(dtype).unbind(0)))
+        torch._foreach_copy_([a[r : 2 * r] for a in A], list(res.V.mT.to(dtype).unbind(0)))
+    if res.momentum is not None:
+        lefts, rights = res.momentum.Pt.mT, res.momentum.Rt.mT
         for j, (a, b) in enumerate(zip(A, B)):
-            state[b]["momentum_left"] = Pm_new[j]
-            state[a]["momentum_right"] = Rm_new[j]
+            state[b]["momentum_left"] = lefts[j]
+            state[a]["momentum_right"] = rights[j]
             drop_core(state[b], state[a])
 
 
@@ -183,8 +179,8 @@ def step_sharded(groups: list[LayerGroup], process_group: Any, state: State) -> 
     sharded = []
     for g in groups:
         mom = None
+        states_b, states_a = g.states(state)
         if g.cfg.momentum:
-            states_b, states_a = g.states(state)
             rows = distributed.local(g.B[0]).shape[0]
             mom = stack_momentum(states_b, states_a, rows, g.key.n, g.key.rank)
         if mom is not None:

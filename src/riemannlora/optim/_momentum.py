@@ -7,8 +7,7 @@ The state of a layer (see :class:`~riemannlora.core.manifold_step.Momentum`):
 stacks them once (:func:`stack_momentum`), the step updates the stacks in place, and the state
 holds per-layer views of them, so ``state_dict()`` / ``load_state_dict()`` resume bit for bit.
 A momentum without a core is the plain factor pair ``M = momentum_left momentum_right^T``
-(FSDP2-sharded layers, layers with ``2r > min(m, n)``, older checkpoints): :func:`plain_left`
-folds a core in for those paths.
+(FSDP2-sharded layers, layers with ``2r > min(m, n)``, older checkpoints).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ __all__ = [
     "STATE_KEYS_A",
     "STATE_KEYS_B",
     "drop_core",
-    "plain_left",
     "stack_momentum",
     "stack_zero_filled",
 ]
@@ -79,17 +77,6 @@ def stack_momentum(
         mom.cq = torch.stack([local(x).to(ref) for x in cqs])  # type: ignore[arg-type]
         mom.in_span = True
     return mom
-
-
-def plain_left(st: dict[str, Any]) -> Tensor | None:
-    """A layer's ``momentum_left`` with its core folded in (``M = left core right^T``), as a
-    local tensor: the plain factor pair ``M = Pm Rm^T`` of the literal and sharded paths."""
-    left = st.get("momentum_left")
-    if left is None:
-        return None
-    left = distributed.local(left)
-    core = st.get("momentum_core")
-    return left if core is None else left @ distributed.local(core).to(left)
 
 
 def drop_core(sb: dict[str, Any], sa: dict[str, Any]) -> None:

@@ -199,7 +199,7 @@ class Workspace:
 
 def _left_blocks_t(grads: list[Tensor], r: int) -> list[Tensor]:
     """``(G Q)^T = grad[:, :r].mT`` of every ``lora_B`` gradient ``(m, w)``: one ``as_strided``
-    view each when all are column-major like their factors (the usual case; half the cost of
+    view each when all are column-major like their factors (the usual case; cheaper than
     slicing and transposing, which adds up over hundreds of layers every step)."""
     m = grads[0].shape[0]
     if all(map(operator.eq, map(_STRIDE, grads), repeat((1, m)))):
@@ -228,27 +228,31 @@ class LayerGroup:
     held: tuple[tuple[Any, ...], ...] = ()
 
     def states(self, state: dict[Tensor, dict[str, Any]]) -> tuple[list[Any], list[Any]]:
-        """The per-layer state dicts of ``lora_B`` and ``lora_A``."""
+        """The per-layer state dicts of ``lora_B`` and ``lora_A`` (created where missing)."""
         return list(map(state.__getitem__, self.B)), list(map(state.__getitem__, self.A))
+
+    def _held_now(self, state: dict[Tensor, dict[str, Any]]) -> Any:
+        """Per key of ``STATE_KEYS_B + STATE_KEYS_A``, an iterator over the layers' entries
+        (None where absent; no state dict is created)."""
+        for keys, params in ((STATE_KEYS_B, self.B), (STATE_KEYS_A, self.A)):
+            states = [state.get(p, _NO_STATE) for p in params]
+            for key in keys:
+                yield map(operator.methodcaller("get", key), states)
 
     def remember(self, state: dict[Tensor, dict[str, Any]]) -> None:
         """Records what the layers' states hold now (see :meth:`holds`)."""
-        states_b, states_a = self.states(state)
-        self.held = tuple(
-            tuple(map(operator.methodcaller("get", key), states))
-            for keys, states in ((STATE_KEYS_B, states_b), (STATE_KEYS_A, states_a))
-            for key in keys
-        )
+        self.held = tuple(map(tuple, self._held_now(state)))
 
     def holds(self, state: dict[Tensor, dict[str, Any]]) -> bool:
         """Whether the layers' states hold exactly the tensors recorded by :meth:`remember`."""
-        states_b, states_a = self.states(state)
-        held = iter(self.held)
         return all(
-            all(map(operator.is_, map(operator.methodcaller("get", key), states), next(held)))
-            for keys, states in ((STATE_KEYS_B, states_b), (STATE_KEYS_A, states_a))
-            for key in keys
+            all(map(operator.is_, now, held))
+            for now, held in zip(self._held_now(state), self.held, strict=True)
         )
+
+
+#: the state of a layer that has none yet
+_NO_STATE: dict[str, Any] = {}
 
 
 @dataclass(eq=False)
