@@ -357,8 +357,8 @@ def msign_tangent_qr(
 
 def _gram_eigh(M: Tensor, left: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Singular values (descending) and right (``left=False``) or left singular vectors of a
-    small float32 matrix from ``eigh`` of its Gram matrix computed in float64: about twice as
-    fast as a ``2r x 2r`` SVD and, since the Gram matrix carries 53 bits, as accurate as a
+    small float32 matrix from ``eigh`` of its Gram matrix computed in float64: faster than a
+    ``2r x 2r`` SVD and, since the Gram matrix carries 53 bits, as accurate as a
     float32 SVD for every singular value above ``1e-9 * s_max`` (smaller ones are float32
     noise either way). Returns ``(M64, S, W)`` with ``M64 = M`` in float64."""
     M64 = M.to(torch.float64)
@@ -397,8 +397,8 @@ def _small_top_svd(K: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
 def _cholesky_qr(Y: Tensor) -> tuple[Tensor, Tensor] | None:
     """``(R^{-1}, R)`` with ``Y R^{-1}`` orthonormal, ``R`` upper triangular with a positive
     diagonal, for a matrix Y ``(..., k, r)`` that is orthonormal up to round-off: one Cholesky-QR
-    step, i.e. the Gram ``Y^T Y`` and a small Cholesky instead of a Householder QR (about twice
-    as fast, and the same factors up to round-off since ``cond(Y) ~ 1``). None unless
+    step, i.e. the Gram ``Y^T Y`` and a small Cholesky instead of a Householder QR (faster, and
+    the same factors up to round-off since ``cond(Y) ~ 1``). None unless
     ``||Y^T Y - I||_F <= 1/2`` in every batch element (then ``cond(Y) <= sqrt(3)`` and the step
     is accurate to a few eps); the caller falls back to Householder."""
     return _cholesky_factors(Y.mT @ Y)
@@ -525,7 +525,7 @@ def retract_qr_steps(
     r = U.shape[-1]
     Ur, Vr, S = retraction_core(V, Q, t, lr, weight_decay)
     # U_raw = [U | Qd] Ur, column-major (computed transposed: BLAS accumulates into a wide
-    # (r, m) output about twice as fast as into a tall (m, r) one)
+    # (r, m) output faster than into a tall (m, r) one)
     if bases is None:
         Ur_b = None
         U_raw = _addmm_(_mm(Ur[..., :r, :].mT, U.mT, out=scratch), Ur[..., r:, :].mT, t.Qd.mT).mT

@@ -19,6 +19,9 @@ spec's formulas term by term (:mod:`riemannlora.core.geometry`'s literal functio
 :func:`structured_step`, which uses the structure of a stored point (two QRs of width r, one
 ``2r x 2r`` SVD for ``P_X(msign(.))``, a retraction with no QR of width 2r) and works on
 stacked buffers with every tall matrix transposed (``(L, r, rows)``, column-major), in place.
+It is written over this process's rows of the tall matrices (:func:`structured_steps`, see
+:mod:`riemannlora.core.rows`), so that FSDP2-sharded factors take the same step
+(:mod:`riemannlora.distributed`).
 
 The momentum ``M`` (a tangent vector at the point of the step that made it) is kept in the
 bases of that step's direction, ``M = Lb core Rb^T`` with ``Lb = [Qd | U_old]`` ``(m, 2r)`` and
@@ -286,9 +289,8 @@ class Momentum:
         )
 
     def transport(self, Ut: Tensor, Qt: Tensor) -> tuple[Tensor, Tensor]:
-        """``(Lb^T U, Rb^T Q)`` by products with the tall bases (computed transposed: MKL's
-        batched ``(r x k) (k x 2r)`` product runs about 1.5x faster than the
-        ``(2r x k) (k x r)`` one)."""
+        """``(Lb^T U, Rb^T Q)`` by products with the tall bases (computed transposed, as
+        ``(r x k) (k x 2r)`` products: the faster order on CPU, see BENCHMARKS.md)."""
         return (Ut @ self.Pt.mT).mT, (Qt @ self.Rt.mT).mT
 
 
@@ -307,9 +309,9 @@ def structured_steps(
     m: int | None = None,
 ) -> RowSteps[StepResult]:
     """The structured step on stacked ``(L, ., .)`` buffers in the compute dtype, every tall
-    matrix transposed ("wide", ``(L, r, rows)`` contiguous, i.e. column-major): MKL's products
-    with a small ``r`` run two to four times faster in that layout than on row-major tall
-    matrices, and LAPACK's QR works in it in place.
+    matrix transposed ("wide", ``(L, r, rows)`` contiguous, i.e. column-major): the layout in
+    which BLAS's products with a small ``r`` run fastest (BENCHMARKS.md) and LAPACK's QR works
+    in place.
 
     The arguments as :func:`literal_step`'s. Ut ``(L, r, m)`` = U^T, GQt ``(L, r, m)`` =
     (G Q)^T, Qt, Vt, GtUt ``(L, r, n)`` = Q^T, V^T, (G^T U)^T, all owned by the step and
@@ -326,6 +328,11 @@ def structured_steps(
     given); its coordinates ``(cu, cq)`` in the new momentum's bases are None when not known
     (without momentum; with Nesterov, whose momentum factors ``[dU | U]``, ``[Q | dV]`` are not
     orthonormal; after a Householder fallback of the retraction).
+
+    The tall matrices (``m`` rows: Ut, GQt, ``mom.Pt``, ``out.Pt``) may be this process's rows
+    only: the step asks for the sums over rows and the QRs of tall matrices it needs
+    (:mod:`riemannlora.core.rows`; :func:`structured_step` answers them for whole rows).
+    ``m``: the number of rows over all processes (None: Ut's).
 
     With the momentum ``M = Lb core Rb^T``, ``cu = Lb^T U``, ``cq = Rb^T Q``,
     ``Z = core cq`` and ``Y = core^T cu`` (so ``M Q = Lb Z``, ``M^T U = Rb Y``), the new
