@@ -36,7 +36,7 @@ def main() -> None:
     from peft import LoraConfig, TaskType, get_peft_model
 
     import riemannlora as rl
-    from riemannlora.assets import load_sequence_classifier
+    from riemannlora.bench.assets import load_sequence_classifier
     from riemannlora.bench.tasks import Collator, load_task, task_data
 
     name = "sentence-transformers/all-MiniLM-L6-v2"

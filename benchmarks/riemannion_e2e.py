@@ -40,7 +40,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
 
     import riemannlora as rl
-    from riemannlora.assets import load_causal_lm
+    from riemannlora.bench.assets import load_causal_lm
     from riemannlora.bench.tasks import Collator, load_task
 
     _, tok = load_causal_lm("HuggingFaceTB/SmolLM2-135M-Instruct")

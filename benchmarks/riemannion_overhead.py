@@ -39,7 +39,7 @@ def _sync(device: str) -> None:
 def build(rank: int, device: str, seed: int = 0):
     from peft import LoraConfig, get_peft_model
 
-    from riemannlora.assets import load_causal_lm
+    from riemannlora.bench.assets import load_causal_lm
 
     torch.manual_seed(seed)
     model, tok = load_causal_lm(MODEL)

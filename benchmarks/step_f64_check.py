@@ -33,7 +33,7 @@ TEXTS = ["this is great", "i hate it", "not bad at all", "meh, whatever", "lovel
 def setup():
     from peft import LoraConfig, get_peft_model
 
-    from riemannlora.assets import load_sequence_classifier
+    from riemannlora.bench.assets import load_sequence_classifier
 
     torch.manual_seed(0)
     model, tok = load_sequence_classifier(MODEL, num_labels=4)

@@ -37,7 +37,7 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 def build_model(model_id: str, rank: int, device: str, dtype: torch.dtype):
     from peft import LoraConfig, get_peft_model
 
-    from riemannlora.assets import load_causal_lm
+    from riemannlora.bench.assets import load_causal_lm
 
     model, tok = load_causal_lm(model_id, dtype=dtype)
     model = get_peft_model(

@@ -322,7 +322,7 @@ def manifold_scenarios(rank: int) -> dict:
     )
 
     import riemannlora as rl
-    import riemannlora.geometry as geometry
+    import riemannlora.core.geometry as geometry
 
     results: dict[str, dict] = {}
     data = batches()

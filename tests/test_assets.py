@@ -1,4 +1,4 @@
-"""Tests of riemannlora.assets: model resolution and model loading."""
+"""Tests of riemannlora.bench.assets: model resolution and model loading."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from riemannlora import assets
-from riemannlora.assets import (
+from riemannlora.bench import assets
+from riemannlora.bench.assets import (
     MINILM_ID,
     SMOLLM2_ID,
     AssetNotFoundError,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from riemannlora import cli
-from riemannlora.assets import canonical_model_id
+from riemannlora.bench.assets import canonical_model_id
 from riemannlora.bench.methods import (
     MAIN_METHODS,
     METHODS,

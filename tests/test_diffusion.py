@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from riemannlora import diffusion as d
+from riemannlora.bench import diffusion as d
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = "riemannlora/mnist-digits-unet-tiny"

@@ -212,7 +212,7 @@ def test_smollm2_end_to_end(tmp_path):
 
     from peft import LoraConfig, get_peft_model
 
-    from riemannlora.assets import load_causal_lm
+    from riemannlora.bench.assets import load_causal_lm
 
     model_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
     base, tokenizer = load_causal_lm(model_id)

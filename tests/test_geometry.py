@@ -1,7 +1,7 @@
 """Fixed-rank geometry on factors, checked against dense float64 definitions.
 
 Every reference below is computed here from dense ``m x n`` matrices with plain
-``torch.linalg`` calls, never by calling another function of ``riemannlora.geometry``.
+``torch.linalg`` calls, never by calling another function of ``riemannlora.core.geometry``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from riemannlora import geometry as geo
+from riemannlora.core import geometry as geo
 
 F64 = torch.float64
 TOL = 1e-10  # float64, relative to the size of the reference

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import riemannlora as rl
-from riemannlora.geometry import riemannian_gradient, tangent_to_dense
+from riemannlora.core.geometry import riemannian_gradient, tangent_to_dense
 from riemannlora.manifold import manifold_layers
 from test_manifold import (
     assert_bitwise_equal,

@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import riemannlora as rl
-from riemannlora.geometry import orthonormal_basis, riemannian_gradient, tangent_to_dense
+from riemannlora.core.geometry import orthonormal_basis, riemannian_gradient, tangent_to_dense
 from riemannlora.manifold import MANIFOLD_ATTR, manifold_layers
 
 torch.set_num_threads(2)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import riemannlora as rl
-from riemannlora import preconditioner
+from riemannlora.core import preconditioner
 
 torch.set_num_threads(2)
 

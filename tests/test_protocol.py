@@ -99,6 +99,8 @@ def test_paired_differences_verdicts():
     ]
     assert paired_differences(mixed, ref, "eval_loss")["verdict"] == "tie"
     assert paired_differences(better[:1], ref[1:], "accuracy") is None  # no common seed
+    one = paired_differences(better[:2], ref, "accuracy")
+    assert one["verdict"] == "too few seeds" and one["mean"] == pytest.approx(0.06)
 
 
 def test_lr_band_at_20_percent_is_wider():

@@ -28,7 +28,7 @@ def _num_labels() -> int:
 def _lora_minilm():
     from peft import LoraConfig, TaskType, get_peft_model
 
-    from riemannlora.assets import load_sequence_classifier
+    from riemannlora.bench.assets import load_sequence_classifier
 
     torch.manual_seed(0)
     model, tok = load_sequence_classifier(MINILM, num_labels=_num_labels())
@@ -43,7 +43,7 @@ def _lora_minilm():
 
 @pytest.fixture(scope="module")
 def data():
-    from riemannlora.assets import load_sequence_classifier
+    from riemannlora.bench.assets import load_sequence_classifier
     from riemannlora.bench.tasks import Collator, load_task
 
     _, tok = load_sequence_classifier(MINILM, num_labels=_num_labels())

@@ -533,7 +533,7 @@ def test_float32_optimizer_step_matches_literal_float64(opt_cls, kw):
 def test_optimizer_householder_fallback_matches_literal_float64(monkeypatch):
     """Every Cholesky-QR refused (the branch of degenerate steps): the retraction's
     Householder results are written back to the parameters just as well."""
-    import riemannlora.geometry as geo
+    import riemannlora.core.geometry as geo
 
     monkeypatch.setattr(geo, "_cholesky_factors", lambda gram: None)
     _check_optimizer_against_literal(rl.Riemannion, {"weight_decay": 0.1})
@@ -1096,3 +1096,49 @@ def test_add_param_group_plain_params_get_adamw():
         opt.add_param_group({"params": [layer.a]})
     with pytest.raises(ValueError, match="create a new optimizer"):
         opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "manifold": True})
+
+
+def test_registration_hooks_live_as_long_as_the_optimizer():
+    """The torch-global module and parameter registration hooks that tell the optimizer when
+    factors may have been replaced belong to the optimizer: they go away with it."""
+    import gc
+
+    from torch.nn.modules import module as torch_module
+
+    def installed():
+        return (
+            len(torch_module._global_module_registration_hooks),
+            len(torch_module._global_parameter_registration_hooks),
+        )
+
+    gc.collect()
+    before = installed()
+    _, model = peft_mlp()
+    opt = rl.Riemannion(model, lr=0.05)
+    opt.zero_grad()
+    mlp_loss(model, mlp_data()).backward()
+    opt.step()
+    assert installed() == (before[0] + 1, before[1] + 1)
+    model.register_parameter("extra", nn.Parameter(torch.ones(1)))  # seen, not an error
+    opt.step()
+    del opt
+    gc.collect()
+    assert installed() == before
+
+
+def test_global_optimizer_hooks_see_one_step():
+    """The plain parameters' AdamW runs inside the optimizer's step: torch's global step
+    hooks fire once per step, as for any optimizer."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    _, model = peft_llama(modules_to_save=["lm_head"])
+    opt = rl.Riemannion(model, lr=0.01)
+    seen = []
+    handle = register_optimizer_step_post_hook(lambda o, args, kwargs: seen.append(type(o)))
+    try:
+        opt.zero_grad()
+        lm_loss(model, token_batch()).backward()
+        opt.step()
+    finally:
+        handle.remove()
+    assert seen == [rl.Riemannion]

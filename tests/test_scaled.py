@@ -403,7 +403,7 @@ def test_error_state_dict_from_other_model():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_stacked_and_per_pair_paths_agree(dtype):
-    from riemannlora.preconditioner import precondition_pairs
+    from riemannlora.core.preconditioner import precondition_pairs
 
     pairs = make_pairs(SHAPES, SCALINGS, dtype=dtype, seed=7)
     args = (

@@ -356,7 +356,7 @@ def test_e2e_references():
 
 @pytest.fixture(scope="module")
 def smol():
-    from riemannlora.assets import SMOLLM2_ID, load_causal_lm
+    from riemannlora.bench.assets import SMOLLM2_ID, load_causal_lm
 
     return load_causal_lm(SMOLLM2_ID)
 
@@ -365,7 +365,7 @@ def smol():
 def minilm_tokenizer():
     from transformers import AutoTokenizer
 
-    from riemannlora.assets import MINILM_ID, resolve_model
+    from riemannlora.bench.assets import MINILM_ID, resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model(MINILM_ID))
 

@@ -417,7 +417,7 @@ def _num_labels() -> int:
 def _minilm_trainer(out, data, collate, **kw):
     from peft import TaskType
 
-    from riemannlora.assets import load_sequence_classifier
+    from riemannlora.bench.assets import load_sequence_classifier
 
     torch.manual_seed(0)
     base, _ = load_sequence_classifier(MINILM, num_labels=_num_labels())
@@ -435,7 +435,7 @@ def _minilm_trainer(out, data, collate, **kw):
 
 @pytest.mark.slow
 def test_real_minilm_clinc150_resume_matches_and_adapter_loads(tmp_path):
-    from riemannlora.assets import load_sequence_classifier
+    from riemannlora.bench.assets import load_sequence_classifier
     from riemannlora.bench.tasks import Collator, load_task
 
     _, tok = load_sequence_classifier(MINILM, num_labels=_num_labels())

@@ -11,9 +11,13 @@
 """
 
 from riemannlora.clip import clip_grad_norm_
-from riemannlora.export import export_adapter, load_exported_adapter
 from riemannlora.loi import LoiInfo, init_loi
-from riemannlora.manifold import ManifoldLayer, to_manifold
+from riemannlora.manifold import (
+    ManifoldLayer,
+    export_adapter,
+    load_exported_adapter,
+    to_manifold,
+)
 from riemannlora.optim import RiemannianSGD, Riemannion, ScaledAdamW, ScaledSGD
 from riemannlora.pairs import LoraPair, LoraParams, find_lora_pairs
 

@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     methods.set_defaults(func=_methods, parser=methods)
 
-    from riemannlora.diffusion import PRETRAIN_CONFIGS
+    from riemannlora.bench.diffusion import PRETRAIN_CONFIGS
 
     pretrain = sub.add_parser(
         "pretrain-diffusion",
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Pretrain the small MNIST-digit text-to-image diffusion model (diffusers "
             "UNet2DConditionModel, MiniLM captions, one class held out) and its digit "
             "classifier, and cache them; `riemannlora bench --task diffusion` does this on "
-            "first use. See riemannlora.diffusion."
+            "first use. See riemannlora.bench.diffusion."
         ),
     )
     pretrain.add_argument(
@@ -367,7 +367,7 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
     """Turn flags and preset into runs; every bad flag ends here with ``parser.error``."""
     import torch
 
-    from riemannlora.assets import canonical_model_id
+    from riemannlora.bench.assets import canonical_model_id
     from riemannlora.bench.data import DataError
     from riemannlora.bench.methods import METHODS, lr_grid
     from riemannlora.bench.runner import RunConfig
@@ -444,7 +444,7 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
 def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import torch
 
-    from riemannlora.assets import AssetNotFoundError
+    from riemannlora.bench.assets import AssetNotFoundError
     from riemannlora.bench.report import write_report
     from riemannlora.bench.runner import BENCH_VERSION, RunCache, quiet_libraries, run_sweep
     from riemannlora.bench.summary import summarize
@@ -537,8 +537,8 @@ def _pretrain_diffusion(parser: argparse.ArgumentParser, args: argparse.Namespac
 
     import torch
 
+    from riemannlora.bench.diffusion import pretrained, pretrained_dir
     from riemannlora.bench.runner import quiet_libraries
-    from riemannlora.diffusion import pretrained, pretrained_dir
 
     if args.threads is not None:
         if args.threads < 1:

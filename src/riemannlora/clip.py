@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from riemannlora import distributed
+from riemannlora.manifold import manifold_layers
 
 __all__ = ["clip_grad_norm_", "unwrap_optimizer"]
 
@@ -43,24 +44,40 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
-def _targets(obj: Any) -> tuple[list[Any], list[Tensor]]:
-    """(manifold layers, other parameters) whose gradients the optimizer / model uses."""
-    from riemannlora.manifold import manifold_layers
+class _Layer(NamedTuple):
+    """A manifold layer's name, rank and factors ``lora_A`` ``(w, n)``, ``lora_B`` ``(m, w)``."""
 
+    name: str
+    rank: int
+    a: Tensor
+    b: Tensor
+
+
+def _targets(obj: Any) -> tuple[list[_Layer], list[Tensor]]:
+    """(manifold layers, other parameters) whose gradients the optimizer / model uses: the
+    model's converted layers, or the layers of an optimizer's manifold param groups
+    (``manifold=True``: params ``[A0, B0, A1, B1, ...]`` with ``ranks`` and ``layer_names``)."""
     if isinstance(obj, nn.Module):
-        layers = manifold_layers(obj)
-        in_layers = {id(p) for layer in layers for p in (layer.a, layer.b)}
-        others = [p for p in obj.parameters() if p.requires_grad and id(p) not in in_layers]
-        return layers, others
-    opt = unwrap_optimizer(obj)
-    if not isinstance(opt, torch.optim.Optimizer):
-        raise TypeError(
-            f"clip_grad_norm_ takes a model (nn.Module) or an optimizer, got {type(obj).__name__}"
-        )
-    layers = list(getattr(opt, "_layers", []))
+        layers = [_Layer(x.name, x.rank, x.a, x.b) for x in manifold_layers(obj)]
+        params = [p for p in obj.parameters() if p.requires_grad]
+    else:
+        opt = unwrap_optimizer(obj)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(
+                "clip_grad_norm_ takes a model (nn.Module) or an optimizer, got "
+                f"{type(obj).__name__}"
+            )
+        layers = [
+            _Layer(name, rank, a, b)
+            for g in opt.param_groups
+            if g.get("manifold")
+            for name, rank, a, b in zip(
+                g["layer_names"], g["ranks"], g["params"][0::2], g["params"][1::2]
+            )
+        ]
+        params = [p for g in opt.param_groups for p in g["params"]]
     in_layers = {id(p) for layer in layers for p in (layer.a, layer.b)}
-    others = [p for g in opt.param_groups for p in g["params"] if id(p) not in in_layers]
-    return layers, others
+    return layers, [p for p in params if id(p) not in in_layers]
 
 
 def _sq(t: Tensor) -> Tensor:
@@ -114,7 +131,7 @@ def clip_grad_norm_(
         if group is None:
             plain.append(_sq(GQ - U @ (U.mT @ GQ)) + _sq(ga[r : 2 * r]))
             continue
-        lo, hi = distributed._row_range(a.shape[0], *_world_rank(group))
+        lo, hi = distributed.row_range(a.shape[0], *_world_rank(group))
         rows = ga[max(r - lo, 0) : max(min(2 * r, hi) - lo, 0)]  # this rank's rows of (G^T U)^T
         partial[group].append(_sq(rows))
         sharded[group].append((U, GQ, U.mT @ GQ))
@@ -127,7 +144,7 @@ def clip_grad_norm_(
         out_dtype = torch.promote_types(out_dtype, p.grad.dtype)
         g = distributed.local(p.grad)
         scaled.append(g)
-        group = distributed._shard_group(p.grad, "parameter") if distributed.is_dtensor(p) else None
+        group = distributed.shard_group(p.grad, "parameter") if distributed.is_dtensor(p) else None
         (plain if group is None else partial[group]).append(_sq(g))
     device = scaled[0].device if scaled else torch.device("cpu")
     total = torch.zeros((), dtype=torch.float64, device=device)

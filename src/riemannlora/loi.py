@@ -32,13 +32,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from riemannlora.geometry import compute_dtype, orthonormal_basis, qr_positive
-from riemannlora.manifold import (
+from riemannlora.core.geometry import compute_dtype, orthonormal_basis, qr_positive
+from riemannlora.manifold.export import patch_save_pretrained
+from riemannlora.manifold.layers import (
     group_indices,
     install,
     lora_targets,
     orig_entries,
-    patch_save_pretrained,
     reject_sharded,
 )
 

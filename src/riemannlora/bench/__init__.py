@@ -10,7 +10,9 @@
 * :mod:`~riemannlora.bench.runner` -- the training loop, the run cache and the sweep;
 * :mod:`~riemannlora.bench.measure` -- peak memory and synchronized timing;
 * :mod:`~riemannlora.bench.summary` -- per-method summaries;
-* :mod:`~riemannlora.bench.report` -- ``results.json``, ``results.md`` and plots.
+* :mod:`~riemannlora.bench.report` -- ``results.json``, ``results.md`` and plots;
+* :mod:`~riemannlora.bench.assets` -- the real models, found offline or downloaded;
+* :mod:`~riemannlora.bench.diffusion` -- the small diffusion model and its DreamBooth task.
 
 The command line (:mod:`riemannlora.cli`) ties them together.
 """

@@ -96,7 +96,9 @@ def _ci_cell(p: dict[str, Any] | None, digits: int) -> str:
     if not p:
         return "—"
     lo, hi = p["ci95"]
-    mark = {"win": " **win**", "loss": " **loss**"}.get(p["verdict"], "")
+    mark = {"win": " **win**", "loss": " **loss**", "too few seeds": " (too few seeds)"}.get(
+        p["verdict"], ""
+    )
     return f"{p['mean']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{mark}"
 
 
@@ -135,8 +137,9 @@ def format_paired(
         return ""
     note = (
         "Mean per-seed difference [bootstrap 95 % interval]; a **win** or **loss** only when "
-        "the interval excludes 0 (losses: lower is better; other metrics: higher). With few "
-        "seeds the interval is wide: a tie means the data cannot tell."
+        "the interval excludes 0 (losses: lower is better; other metrics: higher), and only "
+        "with at least 3 paired seeds. With 3 seeds the interval excludes 0 exactly when all "
+        "three differences share a sign: a weak test; a tie means the data cannot tell."
     )
     return "\n\n".join(parts) + "\n\n" + note + "\n"
 

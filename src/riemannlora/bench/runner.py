@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from riemannlora.assets import AssetNotFoundError
+from riemannlora.bench.assets import AssetNotFoundError
 from riemannlora.bench.measure import PeakMemory, clock
 from riemannlora.bench.methods import (
     METHODS,
@@ -464,7 +464,7 @@ def run_sweep(
     comparison). ``base`` gives every other setting. Returns ``(records, failures)``: a failing
     run is logged and reported as ``{"config", "error", "traceback"}`` instead of stopping the
     sweep, except for a missing model or data set
-    (:class:`~riemannlora.assets.AssetNotFoundError`), which is raised.
+    (:class:`~riemannlora.bench.assets.AssetNotFoundError`), which is raised.
 
     Several processes may run the same sweep on the same output directory at once: each run
     is trained by the first process that claims it (:meth:`RunCache.claim`); the others go on

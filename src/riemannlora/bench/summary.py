@@ -43,6 +43,7 @@ from riemannlora.bench.methods import refined_lrs
 __all__ = [
     "BAND_TOLERANCE",
     "BOOTSTRAP_SAMPLES",
+    "MIN_SEEDS",
     "bootstrap_ci",
     "lr_band_decades",
     "paired_differences",
@@ -54,6 +55,9 @@ __all__ = [
 BAND_TOLERANCE = 0.05
 #: Resamples of the bootstrap confidence intervals.
 BOOTSTRAP_SAMPLES = 10_000
+#: Paired seeds below which no verdict is given (a bootstrap of one or two values cannot
+#: speak for the spread).
+MIN_SEEDS = 3
 
 
 def bootstrap_ci(
@@ -99,7 +103,9 @@ def paired_differences(
     diffs = [mine[s] - ref[s] for s in seeds]
     lo, hi = bootstrap_ci(diffs)
     better = (lambda x: x < 0) if _lower_is_better(metric) else (lambda x: x > 0)
-    if lo > 0 or hi < 0:
+    if len(seeds) < MIN_SEEDS:
+        verdict = "too few seeds"
+    elif lo > 0 or hi < 0:
         verdict = "win" if better(lo if lo > 0 else hi) else "loss"
     else:
         verdict = "tie"

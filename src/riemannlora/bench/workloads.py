@@ -26,7 +26,7 @@ the final metrics are measured once, on the ``test`` split:
   and ``exact_match`` of the final number of a greedy decoding (first ``final_eval_size``
   problems, ``max_new_tokens`` tokens).
 * ``diffusion`` -- DreamBooth-style subject learning with a small text-to-image diffusion model
-  pretrained here (:mod:`riemannlora.diffusion`; default ``riemannlora/mnist-digits-unet``,
+  pretrained here (:mod:`riemannlora.bench.diffusion`; default ``riemannlora/mnist-digits-unet``,
   quick runs ``riemannlora/mnist-digits-unet-tiny``): LoRA on the UNet's attention projections
   learns the held-out digit from 10 training images bound to "a handwritten digit sks", with
   prior preservation. Eval loss: denoising loss on unseen test images of the new class. Final
@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from riemannlora.assets import MINILM_ID, SMOLLM2_ID, load_causal_lm, load_sequence_classifier
+from riemannlora.bench.assets import MINILM_ID, SMOLLM2_ID, load_causal_lm, load_sequence_classifier
 from riemannlora.bench.tasks import (
     COMMONSENSE_TEST_SETS,
     Collator,
@@ -265,10 +265,10 @@ def load_base(
     workload: Workload, model: str, device: str, dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)``: the pretrained model (``dtype``, eval mode) on ``device``. For
-    ``diffusion``: a :class:`riemannlora.diffusion.DenoisingLoss` around the pretrained UNet
-    and, in place of the tokenizer, its :class:`riemannlora.diffusion.DreamBoothData`."""
+    ``diffusion``: a :class:`riemannlora.bench.diffusion.DenoisingLoss` around the pretrained UNet
+    and, in place of the tokenizer, its :class:`riemannlora.bench.diffusion.DreamBoothData`."""
     if workload.kind == "diffusion":
-        from riemannlora.diffusion import DenoisingLoss, DreamBoothData, pretrained
+        from riemannlora.bench.diffusion import DenoisingLoss, DreamBoothData, pretrained
 
         base = pretrained(model, device=device)
         return DenoisingLoss(base.unet).to(device).eval(), DreamBoothData(base)
@@ -296,7 +296,7 @@ def lora_config(workload: Workload, model: nn.Module, rank: int, **init: Any) ->
     from peft import LoraConfig, TaskType
 
     if workload.kind == "diffusion":
-        from riemannlora.diffusion import LORA_TARGETS
+        from riemannlora.bench.diffusion import LORA_TARGETS
 
         return LoraConfig(
             r=rank,
@@ -351,7 +351,7 @@ def train_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """``steps`` training batches, the same for every method: the first ``steps * batch_size``
     examples of the train split (or all of them), reshuffled each epoch by a generator seeded
-    with ``seed``. ``diffusion``: :meth:`riemannlora.diffusion.DreamBoothData.train_batches`."""
+    with ``seed``. ``diffusion``: :meth:`riemannlora.bench.diffusion.DreamBoothData.train_batches`."""
     if workload.kind == "diffusion":
         yield from tokenizer.train_batches(steps, batch_size, seed)
         return

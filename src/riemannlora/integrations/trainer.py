@@ -64,8 +64,8 @@ from transformers import Trainer, TrainingArguments
 
 from riemannlora.clip import clip_grad_norm_, unwrap_optimizer
 from riemannlora.distributed import is_dtensor
-from riemannlora.export import is_exported_adapter, load_exported_adapter
-from riemannlora.optim import ScaledAdamW
+from riemannlora.manifold import is_exported_adapter, load_exported_adapter
+from riemannlora.optim import RiemannianSGD, Riemannion, ScaledAdamW
 
 __all__ = ["RiemannTrainer", "default_optimizer", "first_batch"]
 
@@ -97,10 +97,8 @@ def first_batch(trainer: Trainer) -> dict[str, Any]:
 
 def _manifold_optimizer(optimizer: Any) -> Any:
     """The riemannlora manifold optimizer inside ``optimizer`` (Accelerate wraps it), or None."""
-    from riemannlora.optim.riemannion import _ManifoldOptimizer
-
     inner = unwrap_optimizer(optimizer)
-    return inner if isinstance(inner, _ManifoldOptimizer) else None
+    return inner if isinstance(inner, Riemannion | RiemannianSGD) else None
 
 
 class RiemannTrainer(Trainer):

@@ -15,8 +15,8 @@ preconditioned directions. ``nonfinite`` picks what happens then:
 The check costs one fused reduction and one host sync per step: the 2-norm of every tensor
 (``torch._foreach_norm``, accumulated in float32 or better, no copies), stacked, one
 ``isfinite().all()``. A norm that overflows float32 (entries beyond about ``1e19``) counts as
-non-finite, which is also where AdamW's second moment ``g^2`` overflows. The infinity norm would
-avoid that but costs 4x more on CPUs. The manifold optimizers pass, per group of equal-shape
+non-finite, which is also where AdamW's second moment ``g^2`` overflows (the infinity norm would
+avoid that, at a higher cost). The manifold optimizers pass, per group of equal-shape
 layers, the sums of the stacked gradient blocks instead of the gradients themselves (one
 reduction per group; NaN or Inf anywhere makes the sum non-finite). With sharded (DTensor) tensors it reads the local shards and
 all-reduces the verdict, so that every rank skips the same steps.

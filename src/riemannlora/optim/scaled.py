@@ -2,7 +2,7 @@ r"""Scaled (Riemannian-preconditioned) SGD and AdamW for LoRA.
 
 Zhang & Pilanci, "Riemannian Preconditioned LoRA for Fine-Tuning Foundation Models", ICML 2024.
 Each LoRA factor's gradient is multiplied by the inverse r x r Gram matrix of the other factor
-(:func:`riemannlora.preconditioner.precondition_pairs`); the result then goes through the
+(:func:`riemannlora.core.preconditioner.precondition_pairs`); the result then goes through the
 unchanged update rule of ``torch.optim.SGD`` / ``torch.optim.AdamW`` (the same functional
 kernels), so every parameter that is not a LoRA factor is updated bitwise as torch does it, and
 the optimizer state is exactly torch's.
@@ -21,12 +21,13 @@ from riemannlora.distributed import local, precondition_local, wrap_like
 from riemannlora.optim.functional import adamw_from_group
 from riemannlora.optim.guard import NonFiniteGuard
 from riemannlora.optim.validation import (
+    check_betas,
     check_group_hyperparameters,
     check_lora_pair,
+    check_number,
     check_state_dict,
     run_closure,
 )
-from riemannlora.optim.validation import check_number as _check_number
 from riemannlora.pairs import LoraPair, LoraParams, as_lora_params
 
 __all__ = ["DEFAULT_REG", "DEFAULT_SCALE_AWARE", "ScaledAdamW", "ScaledSGD"]
@@ -77,7 +78,7 @@ class _ScaledMixin(NonFiniteGuard):
     _fuse_lora = False
 
     def _extra_defaults(self, reg: float, scale_aware: bool, gram_dtype) -> dict[str, Any]:
-        _check_number("reg", reg, low=0.0)
+        check_number("reg", reg, low=0.0)
         if not isinstance(scale_aware, bool):
             raise TypeError(f"scale_aware must be a bool, got {type(scale_aware).__name__}")
         if gram_dtype not in (None, torch.float32, torch.float64):
@@ -274,17 +275,12 @@ class ScaledAdamW(_ScaledMixin, torch.optim.AdamW):
         gram_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
     ) -> None:
-        _check_number("lr", lr, low=0.0, strict=True)
+        check_number("lr", lr, low=0.0, strict=True)
         if foreach and fused:
             raise ValueError("foreach=True and fused=True cannot be used together (as in torch)")
-        if not isinstance(betas, tuple | list) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        for k, beta in enumerate(betas):
-            _check_number(f"betas[{k}]", beta)
-            if not 0.0 <= float(beta) < 1.0:
-                raise ValueError(f"betas[{k}] must be in [0, 1), got {beta}")
-        _check_number("eps", eps, low=0.0)
-        _check_number("weight_decay", weight_decay, low=0.0)
+        check_betas("betas", betas)
+        check_number("eps", eps, low=0.0)
+        check_number("weight_decay", weight_decay, low=0.0)
         if not bias_correction and (amsgrad or maximize):
             raise ValueError("bias_correction=False supports neither amsgrad nor maximize")
         extra = self._extra_defaults(reg, scale_aware, gram_dtype)
@@ -429,10 +425,10 @@ class ScaledSGD(_ScaledMixin, torch.optim.SGD):
         gram_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
     ) -> None:
-        _check_number("lr", lr, low=0.0, strict=True)
-        _check_number("weight_decay", weight_decay, low=0.0)
-        _check_number("momentum", momentum, low=0.0)
-        _check_number("dampening", dampening)
+        check_number("lr", lr, low=0.0, strict=True)
+        check_number("weight_decay", weight_decay, low=0.0)
+        check_number("momentum", momentum, low=0.0)
+        check_number("dampening", dampening)
         extra = self._extra_defaults(reg, scale_aware, gram_dtype)
         self._init_guard(nonfinite)
         params = as_lora_params(model)

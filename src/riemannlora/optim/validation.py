@@ -13,12 +13,38 @@ from torch import Tensor
 from riemannlora.distributed import local
 
 __all__ = [
+    "check_beta",
+    "check_betas",
+    "check_bool",
     "check_group_hyperparameters",
     "check_lora_pair",
+    "check_manifold_state_dict",
     "check_number",
     "check_state_dict",
+    "check_state_dict_header",
     "run_closure",
 ]
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raise unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def check_beta(name: str, value: Any) -> None:
+    """Raise unless ``value`` is a number in ``[0, 1)`` (a momentum or an Adam beta)."""
+    check_number(name, value)
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+def check_betas(name: str, betas: Any) -> None:
+    """Raise unless ``betas`` is a pair of numbers in ``[0, 1)`` (Adam's betas)."""
+    if not isinstance(betas, tuple | list) or len(betas) != 2:
+        raise ValueError(f"{name} must be a pair (beta1, beta2), got {betas!r}")
+    for k, beta in enumerate(betas):
+        check_beta(f"{name}[{k}]", beta)
 
 
 def check_number(name: str, value: Any, *, low: float | None = None, strict: bool = False) -> None:
@@ -132,18 +158,8 @@ def check_state_dict(
                     f"saved by another optimizer type than {type(opt).__name__}"
                 )
             for k, v in st.items():
-                if not isinstance(v, Tensor):
-                    continue
-                if v.dim() > 0 and v.shape != p.shape:
-                    raise ValueError(
-                        f"optimizer state '{k}' has shape {tuple(v.shape)} but the parameter "
-                        f"is {tuple(p.shape)}: the state dict is from another model or rank"
-                    )
-                if v.is_floating_point() and not bool(torch.isfinite(local(v)).all()):
-                    raise ValueError(
-                        f"optimizer state '{k}' of {name(p)} holds NaN/Inf: the "
-                        "checkpoint is corrupt"
-                    )
+                if isinstance(v, Tensor):
+                    _check_state_tensor(k, v, () if v.dim() == 0 else tuple(p.shape), p, name)
 
 
 def _same_scalings(saved: Any, mine: list[float]) -> bool:
@@ -152,3 +168,72 @@ def _same_scalings(saved: Any, mine: list[float]) -> bool:
     return all(
         isinstance(s, int | float) and math.isclose(s, m, rel_tol=1e-6) for s, m in zip(saved, mine)
     )
+
+
+def check_manifold_state_dict(
+    opt: torch.optim.Optimizer,
+    state_dict: Any,
+    class_keys: tuple[str, ...],
+    momentum_keys: tuple[str, ...],
+    name: Callable[[Tensor], str],
+) -> None:
+    """Raise unless ``state_dict`` was saved by a manifold optimizer of ``opt``'s class for the
+    same manifold layers and parameters, with finite values of the right shapes. ``class_keys``:
+    the param-group keys that tell the manifold optimizers apart; ``momentum_keys``: the
+    momentum's state entries (see :mod:`riemannlora.optim._momentum`); ``name(p)`` names a
+    parameter in messages."""
+    groups, state = check_state_dict_header(opt, state_dict)
+    cls = type(opt).__name__
+    for mine, saved in zip(opt.param_groups, groups):
+        if not isinstance(saved, dict) or len(saved.get("params", ())) != len(mine["params"]):
+            raise ValueError(
+                "optimizer state dict does not match this optimizer's parameters (different "
+                "number of parameters in a group): it was saved for another model"
+            )
+        if bool(saved.get("manifold")) != mine["manifold"]:
+            raise ValueError("optimizer state dict was saved by another optimizer class")
+        if mine["manifold"]:
+            if {k for k in class_keys if k in saved} != {k for k in class_keys if k in mine}:
+                raise ValueError(
+                    f"optimizer state dict was saved by another manifold optimizer than "
+                    f"{cls} (Riemannion and RiemannianSGD keep different momenta)"
+                )
+            for key in ("layer_names", "ranks", "offsets"):
+                if list(saved.get(key, [])) != list(mine[key]):
+                    raise ValueError(
+                        f"optimizer state dict does not match this model's manifold layers "
+                        f"({key} differ: saved {saved.get(key)!r}, model {mine[key]!r}). "
+                        "Convert the model the same way first (with_offset=True for a run "
+                        "started with init_loi)."
+                    )
+        for k, (idx, p) in enumerate(zip(saved["params"], mine["params"])):
+            st = state.get(idx, {})
+            for key, value in st.items() if isinstance(st, dict) else ():
+                if not isinstance(value, Tensor):
+                    continue
+                if mine["manifold"] and key in momentum_keys:
+                    r = mine["ranks"][k // 2]
+                    expected: tuple[int, ...] = {
+                        "momentum_left": (p.shape[0], 2 * r),
+                        "momentum_right": (p.shape[1], 2 * r),
+                        "momentum_core": (2 * r, 2 * r),
+                    }.get(key, (2 * r, r))
+                else:
+                    expected = () if value.dim() == 0 else tuple(p.shape)
+                _check_state_tensor(key, value, expected, p, name)
+
+
+def _check_state_tensor(
+    key: str, value: Tensor, expected: tuple[int, ...], p: Tensor, name: Callable[[Tensor], str]
+) -> None:
+    """Raise unless the state entry ``key`` of ``p`` has the ``expected`` shape and is finite."""
+    if tuple(value.shape) != expected:
+        raise ValueError(
+            f"optimizer state '{key}' of {name(p)} has shape {tuple(value.shape)}, expected "
+            f"{expected}: the state dict is from another model or rank"
+        )
+    if value.is_floating_point() and not bool(torch.isfinite(local(value)).all()):
+        raise ValueError(
+            f"optimizer state '{key}' of {name(p)} holds NaN/Inf: the checkpoint is corrupt; "
+            "nothing was loaded"
+        )

