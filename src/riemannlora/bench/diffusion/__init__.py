@@ -29,58 +29,9 @@ The subject task: the held-out class is taught from a few training images bound 
 UNet's attention projections, optionally with prior preservation (:class:`DreamBoothData`).
 """
 
-from riemannlora.bench.diffusion.dreambooth import DreamBoothData
-from riemannlora.bench.diffusion.model import (
-    DIGIT_WORDS,
-    GUIDANCE,
-    LORA_TARGETS,
-    PRETRAIN_CONFIGS,
-    SAMPLING_STEPS,
-    SUBJECT_PROMPT,
-    DenoisingLoss,
-    DenoisingOutput,
-    DigitClassifier,
-    PretrainConfig,
-    PromptBank,
-    caption,
-    classify,
-    encode_prompts,
-    find_unet,
-    load_mnist,
-    make_scheduler,
-    make_unet,
-    sample,
-    samples_png,
-)
-from riemannlora.bench.diffusion.pretrain import (
-    Pretrained,
-    pretrained,
-    pretrained_dir,
-)
+from riemannlora.bench.diffusion import dreambooth, model, pretrain
+from riemannlora.bench.diffusion.dreambooth import *  # noqa: F403
+from riemannlora.bench.diffusion.model import *  # noqa: F403
+from riemannlora.bench.diffusion.pretrain import *  # noqa: F403
 
-__all__ = [
-    "DIGIT_WORDS",
-    "GUIDANCE",
-    "LORA_TARGETS",
-    "PRETRAIN_CONFIGS",
-    "SAMPLING_STEPS",
-    "SUBJECT_PROMPT",
-    "DenoisingLoss",
-    "DenoisingOutput",
-    "DigitClassifier",
-    "DreamBoothData",
-    "PretrainConfig",
-    "Pretrained",
-    "PromptBank",
-    "caption",
-    "classify",
-    "encode_prompts",
-    "find_unet",
-    "load_mnist",
-    "make_scheduler",
-    "make_unet",
-    "pretrained",
-    "pretrained_dir",
-    "sample",
-    "samples_png",
-]
+__all__ = [*model.__all__, *pretrain.__all__, *dreambooth.__all__]
