@@ -12,7 +12,8 @@
 * :mod:`~riemannlora.bench.summary` -- per-method summaries;
 * :mod:`~riemannlora.bench.report` -- ``results.json``, ``results.md`` and plots;
 * :mod:`~riemannlora.bench.assets` -- the real models, found offline or downloaded;
-* :mod:`~riemannlora.bench.diffusion` -- the small diffusion model and its DreamBooth task.
+* :mod:`~riemannlora.bench.diffusion` -- the small diffusion model, pretrained here, and its
+  DreamBooth task.
 
 The command line (:mod:`riemannlora.cli`) ties them together.
 """
