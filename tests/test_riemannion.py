@@ -1142,3 +1142,23 @@ def test_global_optimizer_hooks_see_one_step():
     finally:
         handle.remove()
     assert seen == [rl.Riemannion]
+
+
+@pytest.mark.parametrize("opt_cls", [rl.Riemannion, rl.RiemannianSGD])
+@pytest.mark.parametrize(("key", "value"), [("lr", float("nan")), ("lr", float("inf")),
+                                            ("lr", -1.0), ("momentum", float("nan"))])  # fmt: skip
+def test_bad_hyperparameter_set_after_construction_raises_before_any_work(opt_cls, key, value):
+    """A scheduler or a user writing nan / inf / a negative lr into a param group gets the
+    documented ValueError naming the group and key, and nothing changes."""
+    _, model = peft_mlp()
+    opt = opt_cls(model, lr=0.05)
+    mlp_loss(model, mlp_data()).backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=f"param group 0: {key}"):
+        opt.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    opt.param_groups[0][key] = 0.05 if key == "lr" else 0.9
+    opt.step()  # the optimizer is still usable
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())

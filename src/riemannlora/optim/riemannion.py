@@ -59,6 +59,7 @@ from riemannlora.optim.validation import (
     check_beta,
     check_betas,
     check_bool,
+    check_group_hyperparameters,
     check_manifold_state_dict,
     check_number,
 )
@@ -205,6 +206,8 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for k, group in enumerate(self.param_groups):  # e.g. a scheduler's nan, before any work
+            check_group_hyperparameters(k, group)
         plans = {
             k: self._plan(k, group)
             for k, group in enumerate(self.param_groups)
