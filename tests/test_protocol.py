@@ -20,6 +20,7 @@ from riemannlora.bench.methods import MethodContext, build_optimizer, get_method
 from riemannlora.bench.report import format_paired
 from riemannlora.bench.runner import RunConfig, run_sweep
 from riemannlora.bench.summary import bootstrap_ci, lr_band_decades, paired_differences, summarize
+from test_bench import Tiny
 
 
 def _record(method: str, lr: float, seed: int, loss: float, acc: float) -> dict:
@@ -189,17 +190,6 @@ def test_run_sweep_refines_then_seeds_then_matched():
 # --------------------------------------------------------------------------------------------
 # the fixed head lr
 # --------------------------------------------------------------------------------------------
-
-
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(16, 32)
-        self.fc2 = nn.Linear(32, 24)
-        self.head = nn.Linear(24, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
 def _peft() -> nn.Module:

@@ -22,6 +22,8 @@ import pytest
 import torch
 from torch import nn
 
+from test_trainer import tiny_llama
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 # name: (index among the ```python blocks, how the block starts)
@@ -106,22 +108,6 @@ def classifier_loader(n: int = 3) -> list[dict[str, torch.Tensor]]:
         }
         for _ in range(n)
     ]
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
 
 
 def tiny_unet():
