@@ -247,9 +247,10 @@ class PeftNet(nn.Module):
         return self.head(h + self.gate(h))
 
 
-def make_manifold_model(loi: bool = False):
+def make_manifold_model(loi: bool = False, convert: bool = True):
     """The PEFT model in manifold form (converted before any DDP/FSDP wrapping), identical on
-    every rank; ``loi``: LOI on fc1/fc2 from the first global batch (offset, width 3r)."""
+    every rank; ``loi``: LOI on fc1/fc2 from the first global batch (offset, width 3r);
+    ``convert=False``: the plain PEFT model."""
     from peft import LoraConfig, get_peft_model
 
     import riemannlora as rl
@@ -266,6 +267,8 @@ def make_manifold_model(loi: bool = False):
     )
     model = get_peft_model(PeftNet(), config).double()
     model.base_model.model.head.requires_grad_(True)  # trained by torch's AdamW
+    if not convert:
+        return model
     if loi:
         x, y = batches()[0]
         rl.init_loi(
@@ -451,6 +454,79 @@ def manifold_scenarios(rank: int) -> dict:
     return results
 
 
+def order_scenarios(rank: int) -> dict:
+    """Every order of DDP wrapping and conversion, 2 ranks on different halves of the batch.
+    Converting after DDP registered the factors raises before anything changes (DDP would
+    never all-reduce the new factors); converting first, then DDP, then the optimizer (given
+    the model or the DDP wrapper) trains in sync and equals single-process training."""
+    import riemannlora as rl
+
+    data = batches()
+    results: dict[str, dict] = {}
+
+    def loss_of(model):
+        x, y = data[0]
+        return lambda: nn.functional.cross_entropy(model(x), y)
+
+    wrong = {
+        "Riemannion(model)": lambda ddp, m: rl.Riemannion(m, lr=0.05),
+        "Riemannion(ddp)": lambda ddp, m: rl.Riemannion(ddp, lr=0.05),
+        "RiemannianSGD(model)": lambda ddp, m: rl.RiemannianSGD(m, lr=0.5),
+        "to_manifold(model)": lambda ddp, m: rl.to_manifold(m),
+        "init_loi(model)": lambda ddp, m: rl.init_loi(m, loss_of(m)),
+        "init_loi(ddp)": lambda ddp, m: rl.init_loi(ddp, loss_of(ddp)),
+    }
+    for name, call in wrong.items():
+        model = make_manifold_model(convert=False)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        before = full_params(model)
+        try:
+            call(ddp, model)
+            error = ""
+        except RuntimeError as exc:
+            error = str(exc)
+        after = full_params(model)
+        results[f"order-ddp-then-{name}"] = {
+            "error": error,
+            "unchanged": before.keys() == after.keys() and deviation(after, before) == 0.0,
+        }
+
+    right = {
+        "to_manifold-ddp-Riemannion(ddp)": (False, lambda ddp, m: rl.Riemannion(ddp, lr=0.05)),
+        "to_manifold-ddp-Riemannion(model)": (False, lambda ddp, m: rl.Riemannion(m, lr=0.05)),
+        "init_loi-ddp-Riemannion(ddp)": (True, lambda ddp, m: rl.Riemannion(ddp, lr=0.05)),
+        "init_loi-ddp-RiemannianSGD(model)": (
+            True,
+            lambda ddp, m: rl.RiemannianSGD(m, lr=0.5, momentum=0.9),
+        ),
+    }
+    for name, (loi, make_opt) in right.items():
+        ref = make_manifold_model(loi=loi)
+        train(ref, make_opt(ref, ref), data)
+        model = make_manifold_model(loi=loi)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        train(ddp, make_opt(ddp, model), data, rank)
+        got = full_params(model)
+        results[f"order-{name}"] = {
+            # the trained model (with LOI the step's gauge is degenerate: U, V may differ by a
+            # rotation at rounding level, U V^T does not)
+            "dev": deviation(deltas(got), deltas(full_params(ref))),
+            "agree": ranks_agree(got),
+        }
+    # the scaled optimizers replace nothing: any order works
+    ref = make_manifold_model(convert=False)
+    train(ref, rl.ScaledAdamW(ref, lr=0.05), data)
+    model = make_manifold_model(convert=False)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    train(ddp, rl.ScaledAdamW(ddp, lr=0.05), data, rank)
+    got = full_params(model)
+    results["order-ddp-ScaledAdamW(ddp)"] = {
+        "dev": deviation(got, full_params(ref)),
+        "agree": ranks_agree(got),
+    }
+    return results
+
+
 def worker(rank: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -459,6 +535,7 @@ def worker(rank: int, out: str) -> None:
     try:
         results = scenarios(rank)
         results.update(manifold_scenarios(rank))
+        results.update(order_scenarios(rank))
         if rank == 0:
             with open(os.path.join(out, "results.json"), "w") as f:
                 json.dump(results, f, indent=1)

@@ -497,3 +497,17 @@ def test_bad_input_raises_clearly_and_changes_nothing(name, tmp_path):
     with pytest.raises(error, match=match):
         call()
     assert_same(before, ctx)
+
+
+@pytest.mark.parametrize(
+    "call", ["ScaledAdamW", "ScaledSGD", "Riemannion", "RiemannianSGD", "init_loi", "to_manifold"]
+)
+def test_a_model_on_the_meta_device_is_refused_with_what_to_do(call):
+    model = peft_net()
+    model.to("meta")
+    calls = {
+        "init_loi": lambda: rl.init_loi(model, lambda: model(torch.zeros(2, 8)).sum()),
+        "to_manifold": lambda: rl.to_manifold(model),
+    }
+    with pytest.raises(ValueError, match=r"meta device .* Materialize them first"):
+        calls.get(call, lambda: getattr(rl, call)(model, lr=1e-3))()

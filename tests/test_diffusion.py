@@ -238,3 +238,77 @@ def test_diffusers_add_adapter_route_trains_exports_and_reloads_in_vanilla_peft(
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(TypeError, match="without adapters"):
         riemannlora.export_adapter(d.pretrained(TINY, progress=False).unet, tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_diffusers_saving_methods_of_a_converted_unet_round_trip(tmp_path):
+    """After Riemannion + LOI on a UNet with ``add_adapter`` LoRA: ``save_pretrained`` writes the
+    full model with the delta merged (``variant`` too) that ``from_pretrained`` loads;
+    ``save_lora_adapter`` writes the standard adapter that ``load_lora_adapter`` reads into a
+    fresh UNet; ``torch.save``/``torch.load`` and ``copy.deepcopy`` keep both redirections."""
+    import copy
+
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from safetensors import safe_open
+
+    import riemannlora
+
+    torch.manual_seed(0)
+    base = d.pretrained(TINY, progress=False)
+    unet = base.unet
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=list(d.LORA_TARGETS)))
+    model = d.DenoisingLoss(unet)
+    data = d.DreamBoothData(base, num_images=4)
+    batches = list(data.train_batches(steps=3, batch_size=2, seed=0))
+    riemannlora.init_loi(model, lambda: model(**batches[0]).loss)
+    opt = riemannlora.Riemannion(unet, lr=1e-2)
+    for batch in batches:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    batch = batches[0]
+    args = (batch["pixel_values"], batch["timesteps"])
+    kw = dict(
+        encoder_hidden_states=batch["encoder_hidden_states"],
+        encoder_attention_mask=batch["encoder_attention_mask"],
+    )
+    unet.eval()
+    with torch.no_grad():
+        expected = unet(*args, **kw).sample
+        untrained = d.pretrained(TINY, progress=False).unet.eval()(*args, **kw).sample
+    assert (expected - untrained).abs().max() > 1e-4  # training moved the model
+
+    def output(net):
+        with torch.no_grad():
+            return net.eval()(*args, **kw).sample
+
+    # full model, delta merged: the plain class loads it (no unused or missing weights)
+    unet.save_pretrained(tmp_path / "full")
+    full = UNet2DConditionModel.from_pretrained(tmp_path / "full")
+    assert not hasattr(full, "peft_config")
+    torch.testing.assert_close(output(full), expected, rtol=1e-4, atol=1e-5)
+    unet.save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert (tmp_path / "fp16" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    variant = UNet2DConditionModel.from_pretrained(tmp_path / "fp16", variant="fp16")
+    torch.testing.assert_close(output(variant), expected, rtol=1e-4, atol=1e-5)
+    assert any("lora" in name for name, _ in unet.named_parameters())  # the model is unchanged
+
+    # the adapter alone, in diffusers' format, into a fresh UNet
+    unet.save_lora_adapter(tmp_path / "lora")
+    with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert all(s[0] == 4 for k, s in shapes.items() if "lora_A" in k)  # rank 2r (LOI offset)
+    fresh = d.pretrained(TINY, progress=False).unet
+    fresh.load_lora_adapter(
+        tmp_path / "lora", prefix=None, weight_name="pytorch_lora_weights.safetensors"
+    )
+    torch.testing.assert_close(output(fresh), expected, rtol=1e-4, atol=1e-5)
+
+    # the redirections pickle and deep-copy with the model
+    torch.save(unet, tmp_path / "unet.pt")
+    for other in (torch.load(tmp_path / "unet.pt", weights_only=False), copy.deepcopy(unet)):
+        assert other.save_pretrained.__self__ is other
+        other.save_pretrained(tmp_path / "again")
+        again = UNet2DConditionModel.from_pretrained(tmp_path / "again")
+        torch.testing.assert_close(output(again), expected, rtol=1e-4, atol=1e-5)

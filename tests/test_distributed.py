@@ -135,3 +135,38 @@ def test_fsdp2_clip_grad_norm_by_the_riemannian_gradient(results):
 
 def test_fsdp2_converting_an_already_sharded_model_is_refused(results):
     assert "convert the model first" in results["fsdp-convert-after-shard"]["refused"]
+
+
+# ------------------------------------------------------------- order of DDP and conversion
+WRONG_ORDERS = [
+    "Riemannion(model)",
+    "Riemannion(ddp)",
+    "RiemannianSGD(model)",
+    "to_manifold(model)",
+    "init_loi(model)",
+    "init_loi(ddp)",
+]
+
+
+@pytest.mark.parametrize("name", WRONG_ORDERS)
+def test_ddp_then_conversion_raises_before_anything_changes(results, name):
+    r = results[f"order-ddp-then-{name}"]
+    assert "wrapped in DistributedDataParallel" in r["error"]
+    assert "then DistributedDataParallel(model), then create the optimizer" in r["error"]
+    assert r["unchanged"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "to_manifold-ddp-Riemannion(ddp)",
+        "to_manifold-ddp-Riemannion(model)",
+        "init_loi-ddp-Riemannion(ddp)",
+        "init_loi-ddp-RiemannianSGD(model)",
+        "ddp-ScaledAdamW(ddp)",
+    ],
+)
+def test_converting_first_then_ddp_trains_in_sync_in_either_form(results, name):
+    r = results[f"order-{name}"]
+    assert r["dev"] < TOL
+    assert r["agree"]

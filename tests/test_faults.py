@@ -96,7 +96,8 @@ def test_nonfinite_gradient_skips_the_whole_step(opt_name, poison, caplog):
         opt.step()
     assert_unchanged(before, model, opt)
     assert opt.skipped_steps == 1
-    assert "skipped a step with non-finite values" in caplog.text and which in caplog.text
+    assert "skipped step (1 so far): non-finite values (NaN/Inf) in the" in caplog.text
+    assert which in caplog.text
     # the run goes on exactly as if the bad batch had never been seen
     for t in range(2, 4):
         for m, o in ((model, opt), (twin, twin_opt)):
@@ -247,3 +248,39 @@ def test_checkpoint_stores_only_trainable_parameters_by_default(tmp_path):
     save_checkpoint(tmp_path / "full.pt", model=model, trainable_only=False)
     full = torch.load(tmp_path / "full.pt", weights_only=True)["model"]
     assert full.keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+def test_skip_warning_is_one_short_line_whatever_is_broken(opt_name, caplog):
+    """Every gradient non-finite: one line naming the first tensor and how many more."""
+    model = peft_net()
+    opt = OPTIMIZERS[opt_name](model)
+    backward(model)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.fill_(float("nan"))
+    with caplog.at_level(logging.WARNING, logger="riemannlora"):
+        opt.step()
+    (record,) = [r for r in caplog.records if r.name == "riemannlora"]
+    text = record.getMessage()
+    assert "\n" not in text and len(text) < 300, text
+    assert "more)" in text
+
+
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+def test_a_broken_weight_is_blamed_not_the_gradients(opt_name, caplog):
+    """A weight that an earlier update overflowed (float16 head under AdamW) makes every later
+    gradient non-finite: the warning names the weight and what to do."""
+    model = peft_net()
+    opt = OPTIMIZERS[opt_name](model)
+    backward(model)
+    opt.step()
+    head = lora_param(model, "modules_to_save")
+    with torch.no_grad():
+        head.view(-1)[0] = float("inf")
+    backward(model, seed=1)
+    with caplog.at_level(logging.WARNING, logger="riemannlora"):
+        opt.step()
+    assert opt.skipped_steps == 1
+    assert "modules_to_save" in caplog.text and "itself holds NaN/Inf" in caplog.text
+    assert "float32/bfloat16" in caplog.text

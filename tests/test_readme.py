@@ -29,7 +29,7 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 # name: (index among the ```python blocks, how the block starts)
 SNIPPETS = {
     "usage": (0, "import torch, riemannlora\nfrom peft import LoraConfig, get_peft_model\n"),
-    "loi": (1, "batch = next(iter(loader))\n"),
+    "loi": (1, "del opt, sched  # the ScaledAdamW above"),
     "pairs": (2, "import riemannlora\n\npairs = [riemannlora.LoraPair("),
     "diffusers": (3, "import riemannlora\nfrom peft import LoraConfig\n\nunet.add_adapter("),
     "trainer-loi": (

@@ -385,14 +385,33 @@ def test_low_precision_adapter_weights():
         assert opt.state[layer.b]["momentum_left"].dtype == torch.float32
 
 
-def test_optimizer_detects_rebuilt_layers():
+@pytest.mark.parametrize("first", ["Riemannion", "RiemannianSGD", "ScaledAdamW", "ScaledSGD"])
+@pytest.mark.parametrize("then", ["init_loi", "to_manifold(with_offset=True)", "Riemannion"])
+def test_replacing_factors_an_optimizer_holds_raises_before_anything_changes(first, then):
+    """init_loi / to_manifold / a manifold optimizer after a riemannlora optimizer was created on
+    the same factors: a clear error naming the order, the model untouched; once the old
+    optimizer is dropped, the same call works. (A manifold optimizer on factors already in
+    manifold form replaces nothing and is allowed.)"""
     ids = token_batch()
     _, model = peft_llama()
-    opt = rl.Riemannion(model, lr=0.01)
-    rl.init_loi(model, lambda: lm_loss(model, ids))
-    lm_loss(model, ids).backward()
-    with pytest.raises(RuntimeError, match="create the optimizer after"):
-        opt.step()
+    opt = getattr(rl, first)(model, lr=0.01)
+    calls = {
+        "init_loi": lambda: rl.init_loi(model, lambda: lm_loss(model, ids)),
+        "to_manifold(with_offset=True)": lambda: rl.to_manifold(model, with_offset=True),
+        "Riemannion": lambda: rl.Riemannion(model, lr=0.01),
+    }
+    if then == "Riemannion" and not first.startswith("Scaled"):
+        calls[then]()
+        return
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=f"the {first} created earlier holds") as err:
+        calls[then]()
+    assert "create the optimizer afterwards" in str(err.value)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    del opt
+    calls[then]()  # the stale optimizer is gone: the conversion goes ahead
 
 
 @pytest.mark.parametrize("what", ["weight", "module"])
@@ -1030,7 +1049,7 @@ def test_nonfinite_gradient_skips_the_whole_step(opt_cls, caplog):
             if mdl is model and step == 1:
                 manifold_layers(mdl)[2].b.grad[0, 0] = float("inf")
             o.step()
-    assert opt.skipped_steps == 1 and "skipped a step" in caplog.text
+    assert opt.skipped_steps == 1 and "skipped step (1 so far)" in caplog.text
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
     assert all(int(s["step"]) == 2 for s in opt.state.values() if "step" in s)

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from riemannlora.core.geometry import compute_dtype, orthonormal_basis, qr_positive
-from riemannlora.manifold.export import patch_save_pretrained
+from riemannlora.manifold.holders import check_replaceable
+from riemannlora.manifold.hosts import patch_host
 from riemannlora.manifold.layers import (
     group_indices,
     install,
@@ -152,6 +153,15 @@ def init_loi(
             "LoraConfig(target_modules=[...])) first and check that the adapter is trainable"
         )
     reject_sharded(targets, "init_loi")
+    check_replaceable(
+        model,
+        [
+            p
+            for t in targets
+            for p in (t.module.lora_A[t.adapter].weight, t.module.lora_B[t.adapter].weight)
+        ],
+        "init_loi",
+    )
     for t in targets:
         if 2 * t.rank > min(t.m, t.n):
             raise ValueError(
@@ -268,5 +278,5 @@ def init_loi(
                 info.singular_values[t.name] = S[j, : 2 * r].detach().cpu()
                 info.alphas[t.name] = a
                 info.sketch_sizes[t.name] = ks[i]
-    patch_save_pretrained(model)
+    patch_host(model)
     return info

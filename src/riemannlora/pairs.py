@@ -221,12 +221,44 @@ def find_lora_pairs(model: nn.Module) -> LoraParams:
     return LoraParams(pairs, others, other_names)
 
 
+def reject_deepspeed(model: object, tensors: Iterable[torch.Tensor], what: str) -> None:
+    """Refuse a DeepSpeed engine or ZeRO-3 partitioned parameters (``ds_id``): their factors
+    are flattened into partitions and cannot be paired."""
+    engine = type(model).__module__.startswith("deepspeed")
+    if engine or any(hasattr(t, "ds_id") for t in tensors):
+        raise ValueError(
+            f"{what}: the model is {'a DeepSpeed engine' if engine else 'partitioned by ZeRO-3'}. "
+            "DeepSpeed ZeRO flattens the parameters into partitions, so LoRA pairs cannot be "
+            "found and the Riemannian step cannot run. Shard with PyTorch FSDP2 instead "
+            "(torch.distributed.fsdp.fully_shard; Accelerate/Trainer: fsdp_version 2), or use DDP."
+        )
+
+
+def reject_meta(tensors: Iterable[torch.Tensor], what: str) -> None:
+    """Refuse parameters on the meta device (a model built without its weights)."""
+    if any(t.is_meta for t in tensors):
+        raise ValueError(
+            f"{what}: the model's parameters are on the meta device (built without weights, e.g. "
+            "under accelerate's init_empty_weights or with device='meta'). Materialize them "
+            "first -- model.to_empty(device=...) and load the weights, or build the model with "
+            "from_pretrained -- then create the optimizer."
+        )
+
+
 def as_lora_params(params: object) -> LoraParams:
     """Normalize the first argument of the optimizers: a model, LoraParams or pairs."""
     if isinstance(params, LoraParams):
-        return params
-    if isinstance(params, nn.Module):
-        return find_lora_pairs(params)
+        found = params
+    elif isinstance(params, nn.Module):
+        reject_deepspeed(params, params.parameters(), "riemannlora")
+        found = find_lora_pairs(params)
+    else:
+        found = _pairs_from_list(params)
+    reject_meta(found.parameters(), "riemannlora")
+    return found
+
+
+def _pairs_from_list(params: object) -> LoraParams:
     if isinstance(params, Iterable) and not isinstance(params, torch.Tensor | dict | str):
         items = list(params)
         if not items:

@@ -55,6 +55,7 @@ Riemannion / RiemannianSGD (manifold form, :mod:`riemannlora.manifold`):
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -64,10 +65,18 @@ from transformers import Trainer, TrainingArguments
 
 from riemannlora.clip import clip_grad_norm_, unwrap_optimizer
 from riemannlora.distributed import is_dtensor
+from riemannlora.loi import LoiInfo, init_loi
 from riemannlora.manifold import is_exported_adapter, load_exported_adapter
 from riemannlora.optim import RiemannianSGD, Riemannion, ScaledAdamW
+from riemannlora.optim.validation import SHARDED_ROUTE
 
-__all__ = ["RiemannTrainer", "default_optimizer", "first_batch"]
+__all__ = [
+    "RiemannTrainer",
+    "RiemannTrainerMixin",
+    "default_optimizer",
+    "first_batch",
+    "init_loi_from_trainer",
+]
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -101,15 +110,23 @@ def _manifold_optimizer(optimizer: Any) -> Any:
     return inner if isinstance(inner, Riemannion | RiemannianSGD) else None
 
 
-class RiemannTrainer(Trainer):
-    """A ``transformers.Trainer`` that trains with a riemannlora optimizer.
+class RiemannTrainerMixin:
+    """What makes a ``transformers.Trainer`` (or a subclass such as TRL's ``SFTTrainer``) train
+    with a riemannlora optimizer; mix it in *before* the trainer class (see
+    :class:`RiemannTrainer` and :class:`riemannlora.integrations.trl.RiemannSFTTrainer`).
 
-    Args:
-        *args, **kwargs: as ``transformers.Trainer`` (except ``optimizers`` /
-            ``optimizer_cls_and_kwargs``, which would bypass the factory).
-        optimizer_factory: ``model -> optimizer``, called once with the unwrapped model;
-            default: :func:`default_optimizer` from the ``TrainingArguments``.
+    * ``create_optimizer()`` builds the optimizer from the unwrapped model with
+      ``optimizer_factory`` (default :func:`default_optimizer`);
+    * checkpoints of a model in manifold form are read back bit for bit;
+    * ``max_grad_norm`` clips, and ``grad_norm`` logs, the Riemannian gradient's norm for
+      Riemannion / RiemannianSGD;
+    * the optimizer's ``skipped_steps`` are logged.
     """
+
+    optimizer: Any
+    args: Any
+    model: Any
+    accelerator: Any
 
     def __init__(
         self, *args: Any, optimizer_factory: OptimizerFactory | None = None, **kwargs: Any
@@ -122,8 +139,8 @@ class RiemannTrainer(Trainer):
         for key in ("optimizers", "optimizer_cls_and_kwargs"):
             if kwargs.get(key) not in (None, (None, None)):
                 raise ValueError(
-                    f"RiemannTrainer builds the optimizer with optimizer_factory; do not pass "
-                    f"{key!r} too (or use a plain transformers.Trainer with optimizers=...)"
+                    f"{type(self).__name__} builds the optimizer with optimizer_factory; do not "
+                    f"pass {key!r} too (or use the plain trainer class with optimizers=...)"
                 )
         super().__init__(*args, **kwargs)
         self.optimizer_factory = optimizer_factory
@@ -131,6 +148,8 @@ class RiemannTrainer(Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """Build the optimizer from the unwrapped model (once; Trainer calls this itself)."""
         if self.optimizer is None:
+            if getattr(self, "is_deepspeed_enabled", False):
+                raise ValueError(f"{type(self).__name__}: DeepSpeed is enabled. {SHARDED_ROUTE}")
             target = self.accelerator.unwrap_model(self.model if model is None else model)
             if self.optimizer_factory is None:
                 optimizer = default_optimizer(target, self.args)
@@ -141,6 +160,7 @@ class RiemannTrainer(Trainer):
                     f"optimizer_factory returned {type(optimizer).__name__}, not a "
                     "torch.optim.Optimizer"
                 )
+            optimizer._riemannlora_trainer = True  # clipping is handled here: no warning
             self.optimizer = optimizer
         return self.optimizer
 
@@ -159,14 +179,14 @@ class RiemannTrainer(Trainer):
             adapters = getattr(target, "active_adapters", None) or ["default"]
             load_exported_adapter(target, resume_from_checkpoint, adapters[0])
             return
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
 
     def _clip_grad_norm(self, model: nn.Module) -> Any:
         """``max_grad_norm`` by the norm of the Riemannian gradient for Riemannion /
         RiemannianSGD (:func:`riemannlora.clip_grad_norm_`), as ``Trainer`` otherwise."""
         inner = _manifold_optimizer(self.optimizer)
         if inner is None:
-            return super()._clip_grad_norm(model)
+            return super()._clip_grad_norm(model)  # type: ignore[misc]
         self.accelerator.unscale_gradients()
         return clip_grad_norm_(inner, self.args.max_grad_norm)
 
@@ -176,7 +196,7 @@ class RiemannTrainer(Trainer):
         if grad_norm is None and inner is not None:
             self.accelerator.unscale_gradients()
             grad_norm = clip_grad_norm_(inner, float("inf"))
-        return super()._get_grad_norm(model, grad_norm=grad_norm)
+        return super()._get_grad_norm(model, grad_norm=grad_norm)  # type: ignore[misc]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Trainer's logging, plus the optimizer's ``skipped_steps`` when it has any."""
@@ -184,4 +204,38 @@ class RiemannTrainer(Trainer):
         skipped = getattr(inner, "skipped_steps", 0)
         if skipped:
             logs = {**logs, "skipped_steps": skipped}
-        super().log(logs, start_time)
+        super().log(logs, start_time)  # type: ignore[misc]
+
+
+class RiemannTrainer(RiemannTrainerMixin, Trainer):
+    """A ``transformers.Trainer`` that trains with a riemannlora optimizer
+    (:class:`RiemannTrainerMixin`).
+
+    Args:
+        *args, **kwargs: as ``transformers.Trainer`` (except ``optimizers`` /
+            ``optimizer_cls_and_kwargs``, which would bypass the factory).
+        optimizer_factory: ``model -> optimizer``, called once with the unwrapped model;
+            default: :func:`default_optimizer` from the ``TrainingArguments``.
+    """
+
+
+def init_loi_from_trainer(trainer: Trainer, **kwargs: Any) -> LoiInfo:
+    """:func:`riemannlora.init_loi` on the trainer's (unwrapped) model, from its first training
+    batch and its own loss (``trainer.compute_loss``: TRL's SFT loss for an ``SFTTrainer``, the
+    completion tokens only where it masks the prompt). Call it before ``trainer.train()`` (the
+    optimizer must not exist yet). ``kwargs`` go to ``init_loi`` (``generator``,
+    ``power_iters``, ...). The per-batch metrics TRL records inside ``compute_loss`` during the
+    passes are discarded (they are not training batches)."""
+    if trainer.optimizer is not None:
+        raise RuntimeError(
+            "init_loi_from_trainer must run before the trainer creates its optimizer (before "
+            "trainer.train()): LOI rebuilds the LoRA layers the optimizer would hold"
+        )
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    batch = first_batch(trainer)
+    metrics = copy.deepcopy(getattr(trainer, "_metrics", None))
+    try:
+        return init_loi(model, lambda: trainer.compute_loss(model, dict(batch)), **kwargs)
+    finally:
+        if metrics is not None:
+            trainer._metrics = metrics

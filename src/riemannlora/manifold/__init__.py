@@ -36,11 +36,14 @@ layer are set to ``w``/``w``/``False`` so that anything recomputing the scaling 
 :func:`riemannlora.export_adapter`, which writes a standard PEFT adapter, and
 ``PeftModel.load_adapter`` of such an adapter into the model's own adapter to
 :func:`riemannlora.load_exported_adapter`, which restores the manifold form bit for bit (so
-``transformers.Trainer`` checkpoints resume exactly).
+``transformers.Trainer`` checkpoints resume exactly). A diffusers model's ``save_pretrained``
+writes the full model with the deltas merged, its ``save_lora_adapter`` the standard adapter
+(:mod:`~riemannlora.manifold.hosts`). The redirections pickle and deep-copy with the model.
 
 * :mod:`~riemannlora.manifold.layers` -- the layers: discovery, checks and the conversion;
-* :mod:`~riemannlora.manifold.export` -- standard PEFT adapters out and back in, and the
-  redirection of ``save_pretrained`` / ``load_adapter``.
+* :mod:`~riemannlora.manifold.export` -- standard PEFT adapters out and back in;
+* :mod:`~riemannlora.manifold.hosts` -- the redirection of the host model's ``save_pretrained``
+  / ``load_adapter`` / ``save_lora_adapter``.
 """
 
 from __future__ import annotations
@@ -48,12 +51,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from riemannlora.manifold.export import (
-    export_adapter,
-    is_exported_adapter,
-    load_exported_adapter,
-    patch_save_pretrained,
-)
+from riemannlora.manifold.export import export_adapter, is_exported_adapter
+from riemannlora.manifold.hosts import load_exported_adapter, patch_host
 from riemannlora.manifold.layers import MANIFOLD_ATTR, ManifoldLayer, convert, manifold_layers
 
 __all__ = [
@@ -96,5 +95,5 @@ def to_manifold(
         TypeError: LoRA on unsupported layer types (embeddings, convolutions, ...).
     """
     layers = convert(model, generator=generator, with_offset=with_offset)
-    patch_save_pretrained(model)
+    patch_host(model)
     return layers

@@ -14,9 +14,9 @@ names, from ``peft.utils.get_peft_model_state_dict``, including ``modules_to_sav
 ``riemannlora_row_bases.safetensors`` (each layer's row basis Q, which vanilla PEFT ignores).
 Vanilla ``PeftModel.from_pretrained(original_base_model, path)`` reproduces the trained model.
 
-:func:`load_exported_adapter` goes the other way, into a model in manifold form (converting it
-first if needed): it restores ``U``, ``V``, ``Q`` and the offset bit for bit, so a training run
-resumed from an exported checkpoint (``transformers.Trainer``'s ``resume_from_checkpoint``,
+:func:`restore_exported_adapter` (public as :func:`riemannlora.load_exported_adapter`) goes
+the other way, into a model in manifold form (converting it first if needed): it restores
+``U``, ``V``, ``Q`` and the offset bit for bit, so a training run resumed from an exported checkpoint (``transformers.Trainer``'s ``resume_from_checkpoint``,
 through the redirected ``PeftModel.load_adapter``) continues exactly as the uninterrupted run.
 """
 
@@ -29,13 +29,13 @@ import pathlib
 import re
 import shutil
 import tempfile
-import types
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from riemannlora.core.geometry import orthonormal_basis
 from riemannlora.distributed import is_dtensor
@@ -44,10 +44,11 @@ from riemannlora.manifold.layers import MANIFOLD_ATTR, ManifoldLayer, convert, l
 __all__ = [
     "EXPORT_INFO_NAME",
     "ROW_BASES_NAME",
+    "StandardAdapter",
     "export_adapter",
     "is_exported_adapter",
-    "load_exported_adapter",
-    "patch_save_pretrained",
+    "restore_exported_adapter",
+    "standard_adapter",
 ]
 
 #: Side file written next to the adapter with per-layer manifold metadata.
@@ -96,11 +97,75 @@ def export_adapter(
     Returns:
         The output directory.
     """
+    from safetensors.torch import save_file
+
+    std = standard_adapter(
+        model,
+        adapter_name=adapter_name,
+        save_embedding_layers=save_embedding_layers,
+        state_dict=state_dict,
+    )
+    info = {
+        "format": "riemannlora manifold export",
+        "adapter_name": std.adapter_name,
+        "note": (
+            "Each layer is a plain LoRA pair with scaling 1 (lora_alpha = rank per layer). "
+            "Layers with offset=true were initialized with riemannlora.init_loi: their "
+            "adapter has rank 2r, lora_B = [U | U0], lora_A = [V | -V0]^T, so that "
+            "lora_B @ lora_A = X - X0 (the trained point minus the frozen initial offset)."
+        ),
+        "layers": std.layers,
+    }
+    key_prefix = "base_model.model." if std.injected else ""  # the keys of a saved PeftModel
+    tensors = {key_prefix + k: v for k, v in std.state.items()}
+    new_config, row_bases = std.config, std.row_bases
+
+    def write(tmp: pathlib.Path) -> None:
+        new_config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / _WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2, sort_keys=True))
+        if row_bases:
+            save_file(row_bases, str(tmp / ROW_BASES_NAME), metadata={"format": "pt"})
+
+    _write_atomic(pathlib.Path(path), write)
+    return pathlib.Path(path)
+
+
+@dataclass
+class StandardAdapter:
+    """One adapter of a model in the standard PEFT layout (see the module docstring).
+
+    ``state``: PEFT's state dict of the adapter (``get_peft_model_state_dict`` keys, on the
+    CPU), the manifold layers rewritten as plain LoRA pairs; ``config``: its ``LoraConfig``
+    (``rank_pattern``/``alpha_pattern`` per layer); ``layers``: per converted layer path its
+    ``rank``, ``offset`` and ``exported_rank``; ``row_bases``: each converted layer's ``Q^T``;
+    ``injected``: the adapter lives in a model other than a ``peft.PeftModel`` (diffusers'
+    ``add_adapter``, ``peft.inject_adapter_in_model``)."""
+
+    adapter_name: str
+    injected: bool
+    state: dict[str, Tensor]
+    config: Any
+    layers: dict[str, dict[str, Any]]
+    row_bases: dict[str, Tensor]
+
+
+def standard_adapter(
+    model: nn.Module,
+    *,
+    adapter_name: str | None = None,
+    save_embedding_layers: bool | str = "auto",
+    state_dict: dict[str, Any] | None = None,
+) -> StandardAdapter:
+    """Adapter ``adapter_name`` of ``model`` in the standard PEFT layout, in memory (what
+    :func:`export_adapter` writes; arguments as there). Use its ``state`` where a library asks
+    for ``peft.utils.get_peft_model_state_dict(model)``, e.g. diffusers'
+    ``save_lora_weights(unet_lora_layers=...)``: PEFT's own function returns the manifold
+    layout, which no standard loader reads."""
     try:
         from peft import PeftModel
         from peft.tuners.lora import LoraLayer
         from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save_file
     except ImportError as exc:  # pragma: no cover
         raise ImportError("export_adapter needs peft and safetensors") from exc
 
@@ -202,29 +267,14 @@ def export_adapter(
     if new_config.base_model_name_or_path is None:
         new_config.base_model_name_or_path = getattr(base, "name_or_path", None) or None
 
-    info = {
-        "format": "riemannlora manifold export",
-        "adapter_name": adapter_name,
-        "note": (
-            "Each layer is a plain LoRA pair with scaling 1 (lora_alpha = rank per layer). "
-            "Layers with offset=true were initialized with riemannlora.init_loi: their "
-            "adapter has rank 2r, lora_B = [U | U0], lora_A = [V | -V0]^T, so that "
-            "lora_B @ lora_A = X - X0 (the trained point minus the frozen initial offset)."
-        ),
-        "layers": layers_info,
-    }
-    key_prefix = "base_model.model." if injected else ""  # the keys of a saved PeftModel
-    tensors = {key_prefix + k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-
-    def write(tmp: pathlib.Path) -> None:
-        new_config.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / _WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2, sort_keys=True))
-        if row_bases:
-            save_file(row_bases, str(tmp / ROW_BASES_NAME), metadata={"format": "pt"})
-
-    _write_atomic(pathlib.Path(path), write)
-    return pathlib.Path(path)
+    return StandardAdapter(
+        adapter_name=adapter_name,
+        injected=injected,
+        state={k: v.detach().to("cpu").contiguous() for k, v in state.items()},
+        config=new_config,
+        layers=layers_info,
+        row_bases=row_bases,
+    )
 
 
 def _check_unambiguous(rank_pattern: dict[str, int], alpha_pattern: dict[str, Any]) -> None:
@@ -278,10 +328,12 @@ def is_exported_adapter(path: str | os.PathLike[str]) -> bool:
     return (p / EXPORT_INFO_NAME).is_file() and (p / _WEIGHTS_NAME).is_file()
 
 
-def load_exported_adapter(
+def restore_exported_adapter(
     model: nn.Module, path: str | os.PathLike[str], adapter_name: str | None = None
 ) -> Any:
-    """Load an adapter written by :func:`export_adapter` back into ``model`` in manifold form.
+    """:func:`riemannlora.load_exported_adapter` without redirecting the host model's saving
+    methods (:mod:`riemannlora.manifold.hosts`): load an adapter written by
+    :func:`export_adapter` back into ``model`` in manifold form.
 
     The model (a ``peft.PeftModel`` with the same LoRA targets) is converted first when it is
     not yet (:func:`riemannlora.to_manifold`, with offsets when the export has them). ``U``,
@@ -339,7 +391,6 @@ def load_exported_adapter(
         for t in targets
     ):
         convert(model, with_offset=with_offset)
-        patch_save_pretrained(model)
     seen = set()
     with torch.no_grad():
         for module, module_path, base_path, keys, a_exp, b_exp, r, width in plan:
@@ -357,77 +408,3 @@ def load_exported_adapter(
             seen.update(keys)
     rest = {k: v for k, v in state.items() if k not in seen}
     return set_peft_model_state_dict(model, rest, adapter_name=adapter_name) if rest else None
-
-
-def _manifold_save_pretrained(
-    self: nn.Module,
-    save_directory: str,
-    safe_serialization: bool = True,
-    selected_adapters: list[str] | None = None,
-    save_embedding_layers: str | bool = "auto",
-    is_main_process: bool = True,
-    path_initial_model_for_weight_conversion: str | None = None,
-    **kwargs: Any,
-) -> None:
-    """``PeftModel.save_pretrained`` of a model in manifold form: writes standard PEFT adapters
-    with :func:`riemannlora.export_adapter` (``adapter_model.safetensors``; the default adapter
-    in ``save_directory``, others in ``save_directory/<name>`` as PEFT does). An explicit
-    ``state_dict`` (keyed as ``model.state_dict()``, e.g. Trainer's gathered FSDP state dict)
-    is exported instead of the model's own weights."""
-    if path_initial_model_for_weight_conversion:
-        raise ValueError(
-            "save_pretrained of a model in Riemannian manifold form cannot take "
-            "path_initial_model_for_weight_conversion: its LoRA weights have a different "
-            "layout. Call riemannlora.export_adapter(model, path) on the full model."
-        )
-    state_dict = kwargs.pop("state_dict", None)
-    if kwargs:
-        raise TypeError(
-            f"save_pretrained of a model in Riemannian manifold form does not support "
-            f"{sorted(kwargs)}; it writes a standard adapter with riemannlora.export_adapter"
-        )
-    if not is_main_process:
-        return
-    names = list(selected_adapters) if selected_adapters else list(self.peft_config)
-    for name in names:
-        out = save_directory if name == "default" else os.path.join(save_directory, name)
-        export_adapter(
-            self,
-            out,
-            adapter_name=name,
-            save_embedding_layers=save_embedding_layers,
-            state_dict=state_dict,
-        )
-
-
-def _manifold_load_adapter(
-    self: nn.Module, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any
-) -> Any:
-    """``PeftModel.load_adapter`` of a model in manifold form: an adapter written by
-    :func:`riemannlora.export_adapter` (e.g. a ``transformers.Trainer`` checkpoint) loaded into
-    one of the model's own adapters goes through :func:`riemannlora.load_exported_adapter`,
-    which restores the manifold form bit for bit; everything else goes to PEFT."""
-    peft_config = getattr(self, "peft_config", {})
-    if adapter_name in peft_config and isinstance(model_id, str | os.PathLike):
-        if is_exported_adapter(model_id):
-            return load_exported_adapter(self, model_id, adapter_name)
-    return type(self).load_adapter(self, model_id, adapter_name, *args, **kwargs)
-
-
-def patch_save_pretrained(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` (of a ``PeftModel``) write a correct standard adapter via
-    :func:`riemannlora.export_adapter` instead of the manifold-form weights, and
-    ``model.load_adapter`` read such adapters back into the manifold form
-    (:func:`riemannlora.load_exported_adapter`)."""
-    if not hasattr(model, "peft_config") or not hasattr(model, "save_pretrained"):
-        return
-    from peft import PeftModel
-
-    patches = [("save_pretrained", _manifold_save_pretrained)]
-    if isinstance(model, PeftModel):  # (other hosts' load_adapter have other signatures)
-        patches.append(("load_adapter", _manifold_load_adapter))
-    # bound methods (not closures): copy.deepcopy(model) rebinds them to the copy
-    for name, func in patches:
-        current = model.__dict__.get(name)
-        if getattr(current, "__func__", None) is not func:
-            setattr(model, name, types.MethodType(func, model))

@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from riemannlora.core.geometry import orthonormal_basis, qr_positive
 from riemannlora.distributed import is_dtensor
+from riemannlora.manifold.holders import check_replaceable
+from riemannlora.pairs import reject_deepspeed, reject_meta
 
 __all__ = [
     "MANIFOLD_ATTR",
@@ -175,6 +177,7 @@ def lora_targets(model: nn.Module) -> list[LoraTarget]:
         raise TypeError(
             f"expected an nn.Module (e.g. a peft.PeftModel), got {type(model).__name__}"
         )
+    reject_deepspeed(model, model.parameters(), "riemannlora")
     linear_cls = _lora_linear_cls()
     targets: list[LoraTarget] = []
     seen: set[tuple[int, str]] = set()
@@ -237,6 +240,7 @@ def _check_target(module: nn.Module, adapter: str, path: str, linear_cls: type) 
             f"{type(mod_b).__name__}"
         )
     w_a, w_b = mod_a.weight, mod_b.weight
+    reject_meta((w_a, w_b), where)
     if w_a.requires_grad != w_b.requires_grad:
         frozen = "lora_A" if not w_a.requires_grad else "lora_B"
         raise ValueError(
@@ -408,9 +412,11 @@ def convert(
     *,
     generator: torch.Generator | None = None,
     with_offset: bool = False,
+    what: str = "to_manifold",
 ) -> list[ManifoldLayer]:
     """:func:`riemannlora.to_manifold` without redirecting ``save_pretrained`` and
-    ``load_adapter`` (see there): converts every trainable adapter, returns its layers."""
+    ``load_adapter`` (see there): converts every trainable adapter, returns its layers.
+    ``what`` names the caller in errors."""
     targets = lora_targets(model)
     if not targets:
         raise ValueError(
@@ -423,7 +429,16 @@ def convert(
         if not t.converted
         or (with_offset and not ManifoldLayer(t.module, t.adapter, t.path).offset)
     ]
-    reject_sharded(rebuilt, "to_manifold")
+    reject_sharded(rebuilt, what)
+    check_replaceable(
+        model,
+        [
+            p
+            for t in rebuilt
+            for p in (t.module.lora_A[t.adapter].weight, t.module.lora_B[t.adapter].weight)
+        ],
+        what,
+    )
     _convert([t for t in targets if not t.converted], generator)
     if with_offset:
         for t in lora_targets(model):

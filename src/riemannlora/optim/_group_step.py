@@ -47,10 +47,11 @@ def step_structured(g: LayerGroup, state: State, check_transport: CheckTransport
 
     The momentum's transport coordinates (``cu``, ``cq``) of the last step are used as they
     are when the group is not ``fresh`` (the plan was reused: nothing can have moved the point
-    since this optimizer wrote it). Otherwise (after ``load_state_dict``, a change of the
-    factors) ``check_transport`` computes them from the point and the momentum's bases and
-    keeps the stored ones only when they agree (a resumed run then steps bit for bit as the one
-    that saved it)."""
+    since this optimizer wrote it), and after ``load_state_dict`` of a state dict whose
+    fingerprint of the point matches the factors bit for bit (``exact_point``: a resumed run then
+    steps bit for bit as the one that saved it). Otherwise (a change of the factors, an old
+    checkpoint) ``check_transport`` computes them from the point and the momentum's bases and
+    keeps the stored ones only when they agree to round-off."""
     cfg, cdt, ws = g.cfg, g.cdt, g.ws
     assert ws is not None
     m, n, r = g.key.m, g.key.n, g.key.rank
@@ -63,15 +64,15 @@ def step_structured(g: LayerGroup, state: State, check_transport: CheckTransport
     in_place = moves and ws.packed
     pa, pb = ws.point(in_place)
     Ut, Qt, Vt = pb[:, r:], pa[:, :r], pa[:, r:]
-    mom, fresh = g.mom, g.fresh
+    mom, fresh, exact = g.mom, g.fresh, g.fresh and g.exact_point
     if mom is not None and mom.Pt.dtype != cdt:
         mom = Momentum(
             *(None if x is None else x.to(cdt) for x in (mom.Pt, mom.Rt, mom.core, mom.cu, mom.cq)),
             in_span=mom.in_span,
         )
-        fresh = True
+        fresh, exact = True, False
     if mom is not None:
-        if fresh or not mom.in_span:
+        if (fresh and not exact) or not mom.in_span:
             mom = check_transport(mom, Ut, Qt)
         out = Momentum(mom.Pt, mom.Rt, mom.core)
         if out.core is None:

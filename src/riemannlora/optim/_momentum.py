@@ -12,6 +12,7 @@ A momentum without a core is the plain factor pair ``M = momentum_left momentum_
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -22,9 +23,12 @@ from riemannlora.core.manifold_step import Momentum
 
 __all__ = [
     "MOMENTUM_KEYS",
+    "POINT_KEY",
     "STATE_KEYS_A",
     "STATE_KEYS_B",
     "drop_core",
+    "point_fingerprint",
+    "points_match",
     "stack_momentum",
     "stack_zero_filled",
 ]
@@ -37,6 +41,10 @@ MOMENTUM_KEYS = (
     "transport_left",
     "transport_right",
 )
+#: the state entry of ``lora_B`` in a state dict that fingerprints the point its transport
+#: coordinates belong to (:func:`point_fingerprint`; added by ``state_dict()``, consumed when
+#: the state is stacked again)
+POINT_KEY = "transport_point"
 #: everything a step puts into the state of ``lora_B`` and of ``lora_A``
 STATE_KEYS_B = ("momentum_left", "momentum_core", "transport_left", "step")
 STATE_KEYS_A = ("momentum_right", "transport_right")
@@ -77,6 +85,30 @@ def stack_momentum(
         mom.cq = torch.stack([local(x).to(ref) for x in cqs])  # type: ignore[arg-type]
         mom.in_span = True
     return mom
+
+
+def point_fingerprint(a: Tensor, b: Tensor) -> Tensor:
+    """A 64-bit hash (int64 scalar, on the CPU) of the exact bits of a layer's factors: the point
+    that a momentum's transport coordinates (``cu``, ``cq``) were computed for. A state dict
+    carries it so that a resumed run knows its point is bitwise the saved one and uses the
+    stored coordinates as the uninterrupted run does (recomputing them rounds differently,
+    and the orthogonalized step amplifies that). Only called on save and on resume."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in (a, b):
+        t = distributed.local(t).detach().to("cpu").contiguous()
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return torch.tensor(int.from_bytes(h.digest(), "little", signed=True), dtype=torch.int64)
+
+
+def points_match(A: list[Tensor], B: list[Tensor], states_b: list[dict[str, Any]]) -> bool:
+    """Whether every layer's state holds the fingerprint of its current factors (removing the
+    fingerprints from the states: they describe the point of the save only)."""
+    saved = [st.pop(POINT_KEY, None) for st in states_b]
+    return all(
+        isinstance(x, Tensor) and int(x) == int(point_fingerprint(a, b))
+        for x, a, b in zip(saved, A, B)
+    )
 
 
 def drop_core(sb: dict[str, Any], sa: dict[str, Any]) -> None:

@@ -38,7 +38,12 @@ from riemannlora.core.geometry import compute_dtype
 from riemannlora.core.manifold_step import Momentum, StepConfig, structured_shape
 from riemannlora.manifold import ManifoldLayer
 from riemannlora.manifold.layers import group_indices
-from riemannlora.optim._momentum import STATE_KEYS_A, STATE_KEYS_B, stack_momentum
+from riemannlora.optim._momentum import (
+    STATE_KEYS_A,
+    STATE_KEYS_B,
+    points_match,
+    stack_momentum,
+)
 from riemannlora.optim._packing import packed_buffer
 
 __all__ = ["GroupKey", "LayerGroup", "ManifoldPlan", "RegistrationWatch", "Workspace"]
@@ -226,6 +231,9 @@ class LayerGroup:
     fresh: bool = True
     counts: Tensor | None = None
     held: tuple[tuple[Any, ...], ...] = ()
+    #: the state came with the fingerprint of exactly this point (a resumed run): its
+    #: transport coordinates are used as stored, as the run that saved it would have
+    exact_point: bool = False
 
     def states(self, state: dict[Tensor, dict[str, Any]]) -> tuple[list[Any], list[Any]]:
         """The per-layer state dicts of ``lora_B`` and ``lora_A`` (created where missing)."""
@@ -358,6 +366,7 @@ class ManifoldPlan:
             if group["momentum"]:
                 states_b, states_a = g.states(state)
                 g.mom = stack_momentum(states_b, states_a, g.key.m, g.key.n, g.key.rank)
+                g.exact_point = points_match(g.A, g.B, states_b) and g.mom is not None
             g.cdt = compute_dtype(g.A[0], *([] if g.mom is None else [g.mom.Pt]))
         _reserve(arenas, structured)
         for g in structured:

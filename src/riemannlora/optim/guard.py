@@ -80,15 +80,23 @@ def all_finite(tensors: Sequence[Tensor], sharded_like: Sequence[Tensor] = ()) -
     return not bool(flag)
 
 
-def _bad_names(tensors: Sequence[Tensor], names: Sequence[str], limit: int = 8) -> str:
-    """Names of the non-finite tensors (the slow path, only after a failed check)."""
+def _bad_names(tensors: Sequence[Tensor], names: Sequence[str]) -> str:
+    """The first non-finite tensor's name and how many more there are, on one line (the slow
+    path, only after a failed check)."""
     bad = [
         n
         for t, n in zip(tensors, names, strict=True)
         if not bool(torch.isfinite(distributed.local(t)).all())
     ]
-    more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
-    return ", ".join(bad[:limit]) + more if bad else "a tensor on another rank"
+    if not bad:
+        return "a tensor on another rank"
+    return bad[0] + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+
+
+def _bad_parameters(optimizer: torch.optim.Optimizer) -> list[int]:
+    """Indices (in parameter order) of the optimizer's parameters that hold NaN/Inf."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return [i for i, p in enumerate(params) if not bool(torch.isfinite(distributed.local(p)).all())]
 
 
 class NonFiniteGuard:
@@ -119,17 +127,35 @@ class NonFiniteGuard:
         ``sharded_like`` as in :func:`all_finite`."""
         if self.nonfinite == "off" or all_finite(tensors, sharded_like):
             return True
-        what = _bad_names(tensors, names())
+        bad_params = _bad_parameters(self)  # type: ignore[arg-type]
+        if bad_params:
+            # the weights themselves are broken: every gradient through them is non-finite, no
+            # later step can run, and blaming the gradients would send the user the wrong way
+            params = [p for group in self.param_groups for p in group["params"]]  # type: ignore[attr-defined]
+            name = self._param_name(params[bad_params[0]], bad_params[0])
+            more = f" (and {len(bad_params) - 1} more)" if len(bad_params) > 1 else ""
+            what = (
+                f"parameter {name}{more} itself holds NaN/Inf: an earlier update overflowed it "
+                "(float16 weights?), so every later step sees non-finite gradients. Reload a "
+                "checkpoint and train it in float32/bfloat16 or at a lower lr"
+            )
+        else:
+            what = f"non-finite values (NaN/Inf) in the {_bad_names(tensors, names())}"
         if self.nonfinite == "raise":
             raise NonFiniteError(
-                f"{type(self).__name__}: non-finite values (NaN/Inf) in {what}; nothing was "
-                "updated. Lower the learning rate, clip gradients, or pass nonfinite='skip'."
+                f"{type(self).__name__}: {what}; nothing was updated. Lower the learning rate, "
+                "clip gradients, or pass nonfinite='skip'."
             )
         self.skipped_steps += 1
         logger.warning(
-            "%s: skipped a step with non-finite values in %s (%d skipped so far)",
+            "%s: skipped step (%d so far): %s",
             type(self).__name__,
-            what,
             self.skipped_steps,
+            what,
         )
         return False
+
+    def _param_name(self, p: Tensor, index: int) -> str:
+        """A parameter's name for messages (from the optimizer's ``_names`` when it has them)."""
+        names = getattr(self, "_names", {})
+        return names.get(id(p)) or f"{index} (shape {tuple(p.shape)})"

@@ -34,6 +34,8 @@ Every other trainable parameter (biases, heads, ``modules_to_save``) is updated 
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -48,9 +50,11 @@ from riemannlora.core.manifold_step import (
     lr_multiplier,
     manifold_step,
 )
-from riemannlora.manifold import to_manifold
+from riemannlora.manifold.holders import track
+from riemannlora.manifold.hosts import patch_host
+from riemannlora.manifold.layers import convert
 from riemannlora.optim._group_step import run_plan
-from riemannlora.optim._momentum import MOMENTUM_KEYS
+from riemannlora.optim._momentum import MOMENTUM_KEYS, POINT_KEY, point_fingerprint
 from riemannlora.optim._packing import pack_factors_
 from riemannlora.optim._plan import LayerGroup, ManifoldPlan, RegistrationWatch
 from riemannlora.optim.functional import adamw_from_group
@@ -111,7 +115,8 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         check_number("adamw_weight_decay", adamw_weight_decay, low=0.0)
         self._init_guard(nonfinite)
 
-        layers = to_manifold(model, generator=generator)
+        layers = convert(model, generator=generator, what=cls)
+        patch_host(model)
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             # no process group, so no DDP/FSDP wrapper yet (DDP built before a change of a
             # parameter's layout reduces its gradients wrongly; FSDP2 takes only contiguous
@@ -153,6 +158,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         if others:
             groups.append({"params": others, **self._adamw_defaults})
         super().__init__(groups, defaults)
+        track(self)
         # where each layer's factors live (module dict, adapter): the per-step check that they
         # were not replaced, without nn.Module.__getattr__
         self._layers = layers
@@ -174,6 +180,32 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
         self._watch = RegistrationWatch()
         #: torch's AdamW for the plain parameters' groups (created at their first step)
         self._adamw: torch.optim.AdamW | None = None
+
+    def train(self) -> None:
+        """Called by ``transformers.Trainer`` (through Accelerate) at every training step, as
+        for schedule-free optimizers; nothing changes. The first call warns when the Trainer is
+        not riemannlora's and clips gradients (``max_grad_norm > 0``, the default of Trainer
+        and TRL): it would clip by the Euclidean norm of every gradient block of the converted
+        layers, blocks the step ignores included, instead of the Riemannian gradient's."""
+        if getattr(self, "_trainer_checked", False):
+            return
+        self._trainer_checked = True
+        if getattr(self, "_riemannlora_trainer", False):
+            return
+        trainer = _calling_trainer()
+        max_norm = getattr(getattr(trainer, "args", None), "max_grad_norm", None)
+        if trainer is not None and max_norm:
+            warnings.warn(
+                f"{type(trainer).__name__} clips gradients by their Euclidean norm "
+                f"(max_grad_norm={max_norm}), the wrong norm for {type(self).__name__}: use "
+                "riemannlora's RiemannTrainer / RiemannSFTTrainer, or max_grad_norm=0 and "
+                "riemannlora.clip_grad_norm_",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def eval(self) -> None:
+        """The counterpart of :meth:`train` (nothing to do)."""
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of plain parameters (e.g. a new head), updated by AdamW with this
@@ -330,6 +362,22 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
             if lists[0]:
                 adamw_from_group(group, *lists, has_complex)
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, plus, per layer whose momentum holds transport coordinates, the
+        fingerprint of the point they belong to (``transport_point`` in the state of
+        ``lora_B``), so that a run resumed from it steps bit for bit as this one."""
+        out = super().state_dict()
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for layer in self._layers:
+            st = self.state.get(layer.b)
+            i = index.get(id(layer.b))
+            if st and i is not None and "transport_left" in st:
+                out["state"][i] = {
+                    **out["state"][i],
+                    POINT_KEY: point_fingerprint(layer.a, layer.b),
+                }
+        return out
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict after checking it was saved by this optimizer class for the same
         manifold layers and parameters, with finite values of the right shapes (nothing is
@@ -348,7 +396,7 @@ class _ManifoldOptimizer(NonFiniteGuard, torch.optim.Optimizer):
                 continue
             for idx, p in zip(saved["params"], mine["params"]):
                 for key, value in state_dict["state"].get(idx, {}).items():
-                    if key in MOMENTUM_KEYS:
+                    if key in MOMENTUM_KEYS or key == POINT_KEY:  # as saved (torch casts)
                         self.state[p][key] = value.to(device=p.device)
 
 
@@ -494,3 +542,19 @@ class RiemannianSGD(_ManifoldOptimizer):
             generator,
             nonfinite,
         )
+
+
+def _calling_trainer(depth: int = 6) -> Any:
+    """The ``transformers.Trainer`` (duck-typed: ``args.max_grad_norm`` and ``_clip_grad_norm``)
+    among the callers of the caller, or None."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if hasattr(owner, "_clip_grad_norm") and hasattr(
+            getattr(owner, "args", None), "max_grad_norm"
+        ):
+            return owner
+        frame = frame.f_back
+    return None

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.optim.sgd import sgd
 
 from riemannlora.distributed import local, precondition_local, wrap_like
+from riemannlora.manifold.holders import track
 from riemannlora.optim.functional import adamw_from_group
 from riemannlora.optim.guard import NonFiniteGuard
 from riemannlora.optim.validation import (
@@ -88,7 +89,9 @@ class _ScaledMixin(NonFiniteGuard):
         return {"reg": float(reg), "scale_aware": scale_aware, "gram_dtype": gram_dtype}
 
     def _init_names(self, params: LoraParams) -> None:
-        """Names of the parameters, for error messages."""
+        """Names of the parameters, for error messages; the optimizer is recorded so that a later
+        conversion of its factors raises (:mod:`riemannlora.manifold.holders`)."""
+        track(self)
         self._names = {}
         for pair in params.pairs:
             self._names[id(pair.a)] = f"{pair.name or 'pair'}.lora_A"

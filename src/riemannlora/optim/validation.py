@@ -77,6 +77,14 @@ def run_closure(closure: Callable[[], Any] | None) -> Any:
     return loss
 
 
+#: what to use instead of DeepSpeed ZeRO (which flattens the parameters into partitions)
+SHARDED_ROUTE = (
+    "DeepSpeed ZeRO does this: it flattens the parameters into partitions, so LoRA pairs "
+    "cannot be found and the Riemannian step cannot run. Shard with PyTorch FSDP2 instead "
+    "(torch.distributed.fsdp.fully_shard; Accelerate/Trainer: fsdp_version 2), or use DDP."
+)
+
+
 def check_group_hyperparameters(index: int, group: dict[str, Any]) -> None:
     """Non-finite hyper-parameters set after construction (e.g. by a scheduler) fail loudly."""
     values = [(k, group[k]) for k in ("lr", "weight_decay", "eps", "momentum") if k in group]
@@ -87,6 +95,12 @@ def check_group_hyperparameters(index: int, group: dict[str, Any]) -> None:
     lr = group["lr"]
     if isinstance(lr, float | int) and lr < 0:
         raise ValueError(f"param group {index}: lr must be >= 0, got {lr}; nothing was updated")
+    pairs = group.get("scalings") if group.get("lora") else group.get("layer_names")
+    if (group.get("lora") or group.get("manifold")) and len(group["params"]) != 2 * len(pairs):
+        raise RuntimeError(
+            f"param group {index} holds {len(group['params'])} tensors for {len(pairs)} LoRA "
+            f"pairs: a wrapper replaced the optimizer's parameters. {SHARDED_ROUTE}"
+        )
 
 
 def check_lora_pair(a: Tensor, b: Tensor, name: Callable[[Tensor], str]) -> None:
