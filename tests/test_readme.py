@@ -34,14 +34,16 @@ SNIPPETS = {
     "diffusers": (3, "import riemannlora\nfrom peft import LoraConfig\n\nunet.add_adapter("),
     "trainer-loi": (
         4,
-        "import riemannlora\nfrom riemannlora.integrations.trainer import RiemannTrainer, first_batch\n",
+        "import riemannlora\nfrom riemannlora.integrations.trainer import RiemannTrainer, "
+        "init_loi_from_trainer\n",
     ),
     "trainer": (
         5,
         "import riemannlora\nfrom riemannlora.integrations.trainer import RiemannTrainer\n\n",
     ),
-    "ddp": (6, "import torch, torch.distributed as dist, riemannlora as rl\n"),
-    "fsdp2": (7, "from torch.distributed.checkpoint.state_dict import"),
+    "trl": (6, "import riemannlora\nfrom trl import SFTConfig\n"),
+    "ddp": (7, "import torch, torch.distributed as dist, riemannlora as rl\n"),
+    "fsdp2": (8, "from torch.distributed.checkpoint.state_dict import"),
 }
 
 
@@ -230,6 +232,37 @@ def test_trainer_riemannion_with_loi_from_a_trainer_batch(tmp_path, monkeypatch)
     opt = trainer.optimizer.optimizer  # inside Accelerate's wrapper
     assert type(opt).__name__ == "Riemannion"
     assert opt.skipped_steps == 0
+
+
+@pytest.mark.slow
+def test_trl_sft_trainer_with_riemannion_and_loi(tmp_path, monkeypatch):
+    """The TRL snippet on a real model and real data (SmolLM2-135M, 8 E2E pairs: one step)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from riemannlora.bench.assets import SMOLLM2_ID, load_causal_lm
+    from test_trl import e2e_pairs
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    base, tokenizer = load_causal_lm(SMOLLM2_ID)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    ns = run(
+        "trl",
+        {
+            "peft_model": get_peft_model(base, config),
+            "dataset": e2e_pairs(8),
+            "tokenizer": tokenizer,
+        },
+    )
+    trainer = ns["trainer"]
+    assert trainer.state.global_step == 1
+    assert type(trainer.optimizer.optimizer).__name__ == "Riemannion"
+    ids = tokenizer(["name[Aromi], eatType[coffee shop]"], return_tensors="pt")
+    fresh, _ = load_causal_lm(SMOLLM2_ID)
+    loaded = PeftModel.from_pretrained(fresh, "sft").eval()
+    with torch.no_grad():
+        want = trainer.model.eval()(**ids).logits
+        assert max_diff(loaded(**ids).logits, want) < 1e-3
 
 
 def test_trainer_scaled_adamw_and_resume(tmp_path, monkeypatch):
