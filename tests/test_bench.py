@@ -483,6 +483,11 @@ def test_bench_clinc150_end_to_end_and_cache(tmp_path, capsys):
         assert len(run["train_loss"]) == 3 and run["steps_done"] == 3
         assert run["final"]["eval_loss"] == run["eval_loss"][-1][1]
         assert (tmp_path / "runs" / f"{run['key']}.json").is_file()
+        # diagnostics at step 1 and at every eval point, for the baseline too
+        assert [p[0] for p in run["diagnostics"]] == [1, 2, 3]
+        for _, d in run["diagnostics"]:
+            assert d["grad_norm"] > 0 and d["step_size_max"] > 0 and d["skipped_steps"] == 0
+            assert 1.0 <= d["stable_rank_min"] <= d["stable_rank_max"] <= 8.0 + 1e-6
     _finite_numbers(results)
     _check_pngs(tmp_path)
     assert "| adamw |" in (tmp_path / "results.md").read_text()

@@ -22,6 +22,7 @@ import base64
 import copy
 import io
 import json
+import math
 import os
 import pathlib
 import tempfile
@@ -31,7 +32,7 @@ from typing import Any
 __all__ = ["PLOTS", "format_paired", "format_table", "write_report"]
 
 #: File names of the plots.
-PLOTS = ("eval_loss_curves.png", "lr_sweep.png", "time_per_step.png")
+PLOTS = ("eval_loss_curves.png", "lr_sweep.png", "time_per_step.png", "diagnostics.png")
 
 _METRIC_LABELS = {
     "accuracy": "accuracy",
@@ -255,15 +256,55 @@ def _plot_times(ax: Any, summary: dict[str, Any]) -> None:
     ax.legend(fontsize=8)
 
 
+#: the panels of diagnostics.png: (summary key, axis label, log scale)
+_DIAGNOSTICS = (
+    ("grad_norm", "gradient norm (Riemannian for the manifold methods)", True),
+    ("step_size_mean", "mean step size ||dW_t - dW_t-1||_F", True),
+    ("stable_rank_mean", "mean stable rank of dW", False),
+    ("gram_cond_b_max", "largest Gram condition number (scaled)", True),
+)
+
+
+def _plot_diagnostics(axes: Any, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """Each method at its selected lr: the diagnostics against the step, mean over seeds."""
+    for ax, (key, label, log) in zip(axes, _DIAGNOSTICS):
+        for method, s in summary.items():
+            by_step: dict[int, list[float]] = defaultdict(list)
+            for r in records:
+                if r["config"]["method"] != method or r["config"]["lr"] != s["best_lr"]:
+                    continue
+                for step, values in r.get("diagnostics", []):
+                    v = values.get(key)
+                    if v is not None and math.isfinite(v):
+                        by_step[step].append(v)
+            steps = sorted(by_step)
+            if steps:
+                mean = [sum(by_step[t]) / len(by_step[t]) for t in steps]
+                ax.plot(steps, mean, marker=".", color=_color(method), label=method)
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize=9)
+        if log and ax.lines:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    if axes[0].lines:
+        axes[0].legend(fontsize=7)
+
+
 def write_plots(out: pathlib.Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    """Write the three PNGs of :data:`PLOTS` into ``out``."""
+    """Write the PNGs of :data:`PLOTS` into ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=110)
+    _plot_diagnostics(axes.ravel(), records, summary)
+    fig.suptitle("What the optimizer does (each method at its selected lr)")
+    fig.tight_layout()
+    fig.savefig(out / PLOTS[3])
+    plt.close(fig)
     for name, draw in zip(
-        PLOTS,
+        PLOTS[:3],
         (
             lambda ax: _plot_curves(ax, records, summary),
             lambda ax: _plot_sweep(ax, summary, _loss_cap(records)),

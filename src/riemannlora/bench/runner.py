@@ -17,7 +17,11 @@ It records (see :func:`train`):
 * ``peak_mem_mb``: peak memory above the baseline taken after the base model and the data are
   loaded, over initialization and training (evaluations included; see
   :class:`riemannlora.bench.measure.PeakMemory`), ``memory_kind`` says what was measured;
-* ``wall_s``: the whole run, evaluation included; ``diverged``: a non-finite loss stopped it.
+* ``wall_s``: the whole run, evaluation included; ``diverged``: a non-finite loss stopped it;
+* ``diagnostics``: ``[step, summary]`` at step 1 and every eval point, the summary of
+  :func:`riemannlora.diagnostics.diagnostics` (gradient norm, per-layer step size, delta norm,
+  stable rank of the delta, the scaled optimizers' Gram condition numbers, skipped steps), its
+  own time left out of the step timings.
 
 Finished runs are stored as ``OUT/runs/<key>.json`` (:class:`RunCache`); the key hashes every
 field of the config and :data:`BENCH_VERSION`, so an interrupted sweep resumes where it stopped
@@ -64,6 +68,7 @@ from riemannlora.bench.workloads import (
     lora_config,
     train_batches,
 )
+from riemannlora.diagnostics import diagnostics, snapshot
 
 __all__ = [
     "BENCH_VERSION",
@@ -198,6 +203,9 @@ class _Trace:
     step_s: list[float] = field(default_factory=list)
     opt_s: list[float] = field(default_factory=list)
     diverged: bool = False
+    #: ``[step, summary]`` of :func:`riemannlora.diagnostics.diagnostics` at step 1 and at
+    #: every eval point (per-layer values left out)
+    diagnostics: list[list[Any]] = field(default_factory=list)
 
 
 def _train_loop(
@@ -230,14 +238,22 @@ def _train_loop(
         batch = {k: v.to(device) for k, v in next(batches).items()}
         for group, peak in zip(groups, peak_lrs):  # linear decay to 0, every group alike
             group["lr"] = peak * (1 - (step - 1) / cfg.steps)
+        observe = step == 1 or step % cfg.eval_every == 0 or step == cfg.steps
         t_start = clock(device)
         loss = model(**batch).loss
         loss.backward()
+        t_diag = clock(device)  # the diagnostics' own time is left out of the step's
+        before = snapshot(optimizer, model) if observe else None
         t_opt = clock(device)
         optimizer.step()
         t_end = clock(device)
+        if before is not None:
+            record = diagnostics(optimizer, before, model)
+            record.pop("layers")
+            trace.diagnostics.append([step, record])
+        t_after = clock(device)
         optimizer.zero_grad(set_to_none=True)
-        trace.step_s.append(clock(device) - t_start)
+        trace.step_s.append(clock(device) - t_start - (t_opt - t_diag) - (t_after - t_end))
         trace.opt_s.append(t_end - t_opt)
         trace.train_loss.append(_finite(float(loss.detach())))
         if trace.train_loss[-1] is None:
@@ -310,6 +326,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         "eval_loss": trace.eval_loss,
         "train_loss": trace.train_loss,
         "diverged": trace.diverged,
+        "diagnostics": trace.diagnostics,
         "steps_done": len(trace.step_s),
         "time_per_step_s": statistics.median(trace.step_s) if trace.step_s else None,
         "opt_step_s": statistics.median(trace.opt_s) if trace.opt_s else None,

@@ -64,6 +64,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from riemannlora.clip import clip_grad_norm_, unwrap_optimizer
+from riemannlora.diagnostics import DiagnosticsCallback
 from riemannlora.distributed import is_dtensor
 from riemannlora.loi import LoiInfo, init_loi
 from riemannlora.manifold import is_exported_adapter, load_exported_adapter
@@ -204,6 +205,9 @@ class RiemannTrainerMixin:
         skipped = getattr(inner, "skipped_steps", 0)
         if skipped:
             logs = {**logs, "skipped_steps": skipped}
+        for callback in self.callback_handler.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, DiagnosticsCallback):  # before every logger sees the logs
+                logs = {**logs, **callback.take_pending()}
         super().log(logs, start_time)  # type: ignore[misc]
 
 
