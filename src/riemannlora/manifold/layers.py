@@ -138,12 +138,38 @@ class ManifoldLayer:
         return self.b @ self.a
 
 
-def _lora_linear_cls() -> type:
+#: PEFT's LoRA layers on quantized bases (QLoRA), by module and class name. Their forward is
+#: PEFT's plain one, ``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``, so the manifold
+#: form works as on ``nn.Linear`` and never touches (or dequantizes) the quantized base weight.
+#: (torchao's ``TorchaoLoraLinear`` subclasses PEFT's ``Linear`` and needs no entry.)
+QUANTIZED_LORA_LAYERS = (
+    ("peft.tuners.lora.bnb", "Linear8bitLt"),
+    ("peft.tuners.lora.bnb", "Linear4bit"),
+    ("peft.tuners.lora.hqq", "HqqLoraLinear"),
+    ("peft.tuners.lora.gptq", "GPTQLoraLinear"),
+    ("peft.tuners.lora.awq", "AwqLoraLinear"),
+    ("peft.tuners.lora.eetq", "EetqLoraLinear"),
+    ("peft.tuners.lora.aqlm", "AqlmLoraLinear"),
+)
+
+
+def _lora_linear_cls() -> tuple[type, ...]:
+    """PEFT's LoRA ``Linear`` and the quantized LoRA linear layers this PEFT defines."""
+    import importlib
+
     try:
         from peft.tuners.lora.layer import Linear
     except ImportError as exc:  # pragma: no cover - peft is an optional dependency
         raise ImportError("the manifold form needs peft (pip install 'riemannlora[peft]')") from exc
-    return Linear
+    classes: list[type] = [Linear]
+    for module_name, cls_name in QUANTIZED_LORA_LAYERS:
+        try:
+            cls = getattr(importlib.import_module(module_name), cls_name, None)
+        except ImportError:  # the quantization library is not installed
+            continue
+        if isinstance(cls, type):
+            classes.append(cls)
+    return tuple(classes)
 
 
 @dataclass(frozen=True)
@@ -202,15 +228,19 @@ def lora_targets(model: nn.Module) -> list[LoraTarget]:
     return targets
 
 
-def _check_target(module: nn.Module, adapter: str, path: str, linear_cls: type) -> LoraTarget:
+def _check_target(
+    module: nn.Module, adapter: str, path: str, linear_cls: tuple[type, ...]
+) -> LoraTarget:
     name = f"{path}.{adapter}" if path else adapter
     where = f"LoRA layer {name!r} ({type(module).__name__})"
     if not isinstance(module, linear_cls):
         raise TypeError(
-            f"{where}: Riemannion and the manifold form support LoRA on Linear layers only "
-            "(nn.Linear and GPT-2 Conv1D), not embeddings, convolutions, MultiheadAttention or "
-            "parameter targets. Remove this module from LoraConfig.target_modules, freeze its "
-            "adapter, or train the model with riemannlora.ScaledAdamW."
+            f"{where}: Riemannion and the manifold form support LoRA on linear layers only "
+            "(nn.Linear, GPT-2 Conv1D, and quantized linear bases: bitsandbytes 4/8-bit, "
+            "torchao, HQQ, GPTQ, AWQ, EETQ, AQLM), not embeddings, convolutions, "
+            "MultiheadAttention or parameter targets. Remove this module from "
+            "LoraConfig.target_modules, freeze its adapter, or train the model with "
+            "riemannlora.ScaledAdamW."
         )
     mag = getattr(module, "lora_magnitude_vector", None)
     if getattr(module, "use_dora", {}).get(adapter, False) or (
