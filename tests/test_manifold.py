@@ -305,7 +305,7 @@ def test_error_rank_too_large():
 
 def test_error_embedding_lora():
     _, model = peft_llama(targets=("q_proj", "embed_tokens"))
-    with pytest.raises(TypeError, match="Linear layers only"):
+    with pytest.raises(TypeError, match="linear layers only"):
         rl.to_manifold(model)
 
 
