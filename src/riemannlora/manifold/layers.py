@@ -9,6 +9,7 @@ of one converted adapter; :func:`lora_targets` finds and checks every trainable 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,14 +143,15 @@ class ManifoldLayer:
 #: PEFT's plain one, ``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``, so the manifold
 #: form works as on ``nn.Linear`` and never touches (or dequantizes) the quantized base weight.
 #: (torchao's ``TorchaoLoraLinear`` subclasses PEFT's ``Linear`` and needs no entry.)
+#: Entries: (PEFT module, class, the quantization library a model with such layers has imported).
 QUANTIZED_LORA_LAYERS = (
-    ("peft.tuners.lora.bnb", "Linear8bitLt"),
-    ("peft.tuners.lora.bnb", "Linear4bit"),
-    ("peft.tuners.lora.hqq", "HqqLoraLinear"),
-    ("peft.tuners.lora.gptq", "GPTQLoraLinear"),
-    ("peft.tuners.lora.awq", "AwqLoraLinear"),
-    ("peft.tuners.lora.eetq", "EetqLoraLinear"),
-    ("peft.tuners.lora.aqlm", "AqlmLoraLinear"),
+    ("peft.tuners.lora.bnb", "Linear8bitLt", "bitsandbytes"),
+    ("peft.tuners.lora.bnb", "Linear4bit", "bitsandbytes"),
+    ("peft.tuners.lora.hqq", "HqqLoraLinear", "hqq"),
+    ("peft.tuners.lora.gptq", "GPTQLoraLinear", "gptqmodel"),
+    ("peft.tuners.lora.awq", "AwqLoraLinear", "awq"),
+    ("peft.tuners.lora.eetq", "EetqLoraLinear", "eetq"),
+    ("peft.tuners.lora.aqlm", "AqlmLoraLinear", "aqlm"),
 )
 
 
@@ -162,7 +164,9 @@ def _lora_linear_cls() -> tuple[type, ...]:
     except ImportError as exc:  # pragma: no cover - peft is an optional dependency
         raise ImportError("the manifold form needs peft (pip install 'riemannlora[peft]')") from exc
     classes: list[type] = [Linear]
-    for module_name, cls_name in QUANTIZED_LORA_LAYERS:
+    for module_name, cls_name, library in QUANTIZED_LORA_LAYERS:
+        if library not in sys.modules:  # no such layer can exist: nothing to import
+            continue
         try:
             cls = getattr(importlib.import_module(module_name), cls_name, None)
         except ImportError:  # the quantization library is not installed
