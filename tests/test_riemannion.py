@@ -1181,3 +1181,18 @@ def test_bad_hyperparameter_set_after_construction_raises_before_any_work(opt_cl
     opt.param_groups[0][key] = 0.05 if key == "lr" else 0.9
     opt.step()  # the optimizer is still usable
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_head_lr_defaults_riemannion_to_lr_and_riemannian_sgd_to_adamw_default():
+    """An SGD-scale lr must not become the head's AdamW lr (it wrecks heads)."""
+    from riemannlora.optim.riemannion import DEFAULT_HEAD_LR
+
+    for cls, lr, head in ((rl.Riemannion, 3e-3, 3e-3), (rl.RiemannianSGD, 0.3, DEFAULT_HEAD_LR)):
+        _, model = peft_llama(modules_to_save=["lm_head"])
+        opt = cls(model, lr=lr)
+        (plain,) = [g for g in opt.param_groups if not g["manifold"]]
+        assert plain["lr"] == head
+        _, model = peft_llama(modules_to_save=["lm_head"])
+        (plain,) = [g for g in cls(model, lr=lr, adamw_lr=0.02).param_groups if not g["manifold"]]
+        assert plain["lr"] == 0.02
+    assert DEFAULT_HEAD_LR == 1e-3
