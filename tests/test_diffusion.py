@@ -200,11 +200,10 @@ def test_bench_diffusion_quick_writes_finite_results_and_sample_grids(tiny, tmp_
     assert "subject acc." in (out / "results.md").read_text()
 
 
-@pytest.mark.slow
-def test_diffusers_add_adapter_route_trains_exports_and_reloads_in_vanilla_peft(tmp_path):
-    """LoRA through diffusers' own adapter API (``unet.add_adapter``), Riemannion + LOI on the
-    bare UNet, then ``export_adapter``: vanilla PEFT on a fresh UNet reproduces the output."""
-    from peft import LoraConfig, PeftModel
+def unet_trained_with_loi():
+    """A tiny UNet with LoRA through diffusers' ``add_adapter``, LOI on a DreamBooth batch and
+    3 Riemannion steps; returns the UNet and its batches."""
+    from peft import LoraConfig
 
     import riemannlora
 
@@ -221,17 +220,33 @@ def test_diffusers_add_adapter_route_trains_exports_and_reloads_in_vanilla_peft(
         model(**batch).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return unet, batches
+
+
+def unet_inputs(batch):
+    """The UNet's positional and keyword inputs of a DreamBooth batch."""
+    kw = dict(
+        encoder_hidden_states=batch["encoder_hidden_states"],
+        encoder_attention_mask=batch["encoder_attention_mask"],
+    )
+    return (batch["pixel_values"], batch["timesteps"]), kw
+
+
+@pytest.mark.slow
+def test_diffusers_add_adapter_route_trains_exports_and_reloads_in_vanilla_peft(tmp_path):
+    """LoRA through diffusers' own adapter API (``unet.add_adapter``), Riemannion + LOI on the
+    bare UNet, then ``export_adapter``: vanilla PEFT on a fresh UNet reproduces the output."""
+    from peft import PeftModel
+
+    import riemannlora
+
+    unet, batches = unet_trained_with_loi()
     out = riemannlora.export_adapter(unet, tmp_path / "adapter")
     assert (out / "adapter_config.json").is_file()
 
     fresh = d.pretrained(TINY, progress=False).unet
     reloaded = PeftModel.from_pretrained(fresh, str(out)).eval()
-    batch = batches[0]
-    args = (batch["pixel_values"], batch["timesteps"])
-    kw = dict(
-        encoder_hidden_states=batch["encoder_hidden_states"],
-        encoder_attention_mask=batch["encoder_attention_mask"],
-    )
+    args, kw = unet_inputs(batches[0])
     with torch.no_grad():
         expected = unet.eval()(*args, **kw).sample
         got = reloaded(*args, **kw).sample
@@ -249,30 +264,10 @@ def test_diffusers_saving_methods_of_a_converted_unet_round_trip(tmp_path):
     import copy
 
     from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
     from safetensors import safe_open
 
-    import riemannlora
-
-    torch.manual_seed(0)
-    base = d.pretrained(TINY, progress=False)
-    unet = base.unet
-    unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=list(d.LORA_TARGETS)))
-    model = d.DenoisingLoss(unet)
-    data = d.DreamBoothData(base, num_images=4)
-    batches = list(data.train_batches(steps=3, batch_size=2, seed=0))
-    riemannlora.init_loi(model, lambda: model(**batches[0]).loss)
-    opt = riemannlora.Riemannion(unet, lr=1e-2)
-    for batch in batches:
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    batch = batches[0]
-    args = (batch["pixel_values"], batch["timesteps"])
-    kw = dict(
-        encoder_hidden_states=batch["encoder_hidden_states"],
-        encoder_attention_mask=batch["encoder_attention_mask"],
-    )
+    unet, batches = unet_trained_with_loi()
+    args, kw = unet_inputs(batches[0])
     unet.eval()
     with torch.no_grad():
         expected = unet(*args, **kw).sample

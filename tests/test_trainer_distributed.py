@@ -12,13 +12,11 @@ import sys
 import pytest
 import torch
 from peft import PeftModel
-from transformers import default_data_collator
 
 import riemannlora as rl
-from riemannlora.integrations.trainer import RiemannTrainer
 from test_readme import free_port
-from test_trainer import tiny_llama, token_data, training_args
-from trainer_worker import peft_llama_without_dropout
+from test_trainer import tiny_llama
+from trainer_worker import make_trainer, peft_llama_without_dropout
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -57,13 +55,7 @@ def test_two_processes_stay_in_sync_and_equal_one_process_on_the_global_batch(ru
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise in sync
 
     # one process, per-device batch 4 = the global batch of 2 x 2 (Accelerate's batch sharding)
-    trainer = RiemannTrainer(
-        model=peft_llama_without_dropout(),
-        args=training_args(tmp_path, per_device_train_batch_size=4, max_steps=4, save_steps=2),
-        train_dataset=token_data(),
-        data_collator=default_data_collator,
-        optimizer_factory=lambda m: rl.Riemannion(m, lr=1e-2, momentum=0.9),
-    )
+    trainer = make_trainer(str(tmp_path), per_device_batch=4)
     trainer.train()
     single = {n: p.detach() for n, p in trainer.model.named_parameters()}
     got, want = deltas(a), deltas(single)

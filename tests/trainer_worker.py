@@ -27,16 +27,23 @@ def peft_llama_without_dropout():
     return get_peft_model(tiny_llama(), LoraConfig(**{**LORA, "lora_dropout": 0.0}))
 
 
-def main(out: str) -> None:
-    torch.set_num_threads(1)
-    rank = int(os.environ["RANK"])
-    trainer = RiemannTrainer(
+def make_trainer(out: str, per_device_batch: int) -> RiemannTrainer:
+    """The run of the test: Riemannion (momentum 0.9), 4 steps, a checkpoint every 2."""
+    return RiemannTrainer(
         model=peft_llama_without_dropout(),
-        args=training_args(out, per_device_train_batch_size=2, max_steps=4, save_steps=2),
+        args=training_args(
+            out, per_device_train_batch_size=per_device_batch, max_steps=4, save_steps=2
+        ),
         train_dataset=token_data(),
         data_collator=default_data_collator,
         optimizer_factory=lambda m: rl.Riemannion(m, lr=1e-2, momentum=0.9),
     )
+
+
+def main(out: str) -> None:
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    trainer = make_trainer(out, per_device_batch=2)
     trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.model)
     inner = trainer.optimizer.optimizer

@@ -331,17 +331,8 @@ def is_exported_adapter(path: str | os.PathLike[str]) -> bool:
 def restore_exported_adapter(
     model: nn.Module, path: str | os.PathLike[str], adapter_name: str | None = None
 ) -> Any:
-    """:func:`riemannlora.load_exported_adapter` without redirecting the host model's saving
-    methods (:mod:`riemannlora.manifold.hosts`): load an adapter written by
-    :func:`export_adapter` back into ``model`` in manifold form.
-
-    The model (a ``peft.PeftModel`` with the same LoRA targets) is converted first when it is
-    not yet (:func:`riemannlora.to_manifold`, with offsets when the export has them). ``U``,
-    ``V`` and the offset are copied from the adapter, ``Q`` from the row-bases file (recomputed
-    as ``qr(V)`` when it is missing), all bit for bit; other saved weights (``modules_to_save``,
-    plain LoRA layers) are loaded by PEFT's ``set_peft_model_state_dict``. Returns PEFT's load
-    result for those.
-    """
+    """:func:`riemannlora.load_exported_adapter` (see there) without redirecting the host
+    model's saving methods (:mod:`riemannlora.manifold.hosts`)."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
