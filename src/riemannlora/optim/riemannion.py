@@ -515,8 +515,8 @@ class RiemannianSGD(_ManifoldOptimizer):
     parameters' AdamW lr (``adamw_lr``) defaults to :data:`DEFAULT_HEAD_LR` (1e-3, torch's
     AdamW default), not to ``lr``: SGD-scale lrs (0.1-1) wreck a head under AdamW (measured on
     CLINC150 / MiniLM, 90 steps, lr 0.1: validation loss 5.29 with the head at lr, 4.31 at
-    1e-3; lr 0.3: 924 vs 4.27). A new classifier head trains best at about 1e-2 to 3e-2 there:
-    pass ``adamw_lr`` for it.
+    1e-3; lr 0.3: 924 vs 4.27; ``benchmarks/head_lr.py``). A new classifier head trains best at
+    about 1e-2 to 3e-2 there: pass ``adamw_lr`` for it.
     """
 
     _orthogonalize = False
