@@ -81,7 +81,8 @@ def test_every_method_builds_and_steps(name):
 def test_registry_lists_required_methods():
     required = {
         "sgd", "adamw", "loraplus", "peft-riemannian", "muon", "scaled-sgd", "scaled-adamw",
-        "riemannian-sgd", "riemannion", "riemannion-loi", "pissa", "lora-ga",
+        "riemannian-sgd", "riemannian-sgd-loi", "riemannion", "riemannion-loi", "pissa",
+        "lora-ga",
     }  # fmt: skip
     assert required == {n for n, m in METHODS.items() if not m.ablation}
     assert set(available_methods(ablations=False)) <= required
@@ -117,6 +118,49 @@ def test_ablations_change_only_what_they_name():
         assert not any(g.get("store_orthogonalized") for g in plain.param_groups)
         ortho = build("riemannion-storeortho", 0.5)
         assert any(g.get("store_orthogonalized") for g in ortho.param_groups)
+        manifold = [g for g in plain.param_groups if "scale_lr" in g]
+        assert manifold and {g["scale_lr"] for g in manifold} == {"match_adamw"}
+        unscaled = build("riemannion-unscaled", 0.5)
+        assert {g["scale_lr"] for g in unscaled.param_groups if "scale_lr" in g} == {None}
+        assert {g["lr"] for g in unscaled.param_groups} == {0.5}
+
+
+class Blocks(nn.Module):
+    """Llama-like names: attention projections, an MLP, an output head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict() for _ in range(2))
+        for layer in self.layers:
+            layer["self_attn"] = nn.ModuleDict(
+                {k: nn.Linear(8, 8) for k in ("q_proj", "k_proj", "v_proj", "o_proj")}
+            )
+            layer["mlp"] = nn.ModuleDict(
+                {"up_proj": nn.Linear(8, 16), "down_proj": nn.Linear(16, 8)}
+            )
+        self.score = nn.Linear(8, 3)
+
+
+def test_lora_target_modules():
+    from riemannlora.bench.workloads import lora_target_modules
+
+    model = Blocks()
+    assert lora_target_modules(model) == [
+        "down_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj",
+    ]  # fmt: skip
+    attention = lora_target_modules(model, "attention")
+    expected = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "attn" in n]
+    assert attention == sorted(expected) and len(attention) == 8
+    assert lora_target_modules(model, " q_proj, v_proj,q_proj ") == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match="unknown: query"):
+        lora_target_modules(model, "q_proj,query")
+    with pytest.raises(ValueError, match="comma-separated names"):
+        lora_target_modules(model, ",")
+    with pytest.raises(ValueError, match="score"):  # the head is never a target
+        lora_target_modules(model, "score")
+    plain = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"no nn\.Linear of this model sits inside"):
+        lora_target_modules(plain, "attention")
 
 
 def test_get_method_errors():
@@ -359,6 +403,11 @@ def test_run_config_validation_and_key():
         dataclasses.replace(cfg, method="nope")
     with pytest.raises(ValueError, match="unknown task"):
         dataclasses.replace(cfg, task="nope")
+    # a field added later leaves the keys of the runs cached before it unchanged at its default
+    assert "targets" not in cfg.identity()
+    assert dataclasses.replace(cfg, targets="attention").key() != cfg.key()
+    with pytest.raises(ValueError, match="targets must be"):
+        dataclasses.replace(cfg, targets=" ")
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,6 +429,8 @@ def test_run_config_validation_and_key():
         (["--methods", "adamw,adamw"], "twice"),
         (["--scoring", "generate"], "--scoring is for --task commonsense"),
         (["--task", "commonsense", "--scoring", "nope"], "invalid choice"),
+        (["--task", "diffusion", "--targets", "attention"], "leave targets at 'all-linear'"),
+        (["--targets", "q_proj"], "unknown: q_proj"),  # MiniLM's are query, key, value, dense
     ],
 )
 def test_cli_rejects_bad_flags(argv, message, capsys, tmp_path):
@@ -407,7 +458,7 @@ def test_cli_presets_plan_the_runs():
 
     full = _plan("--preset", "full")
     assert list(full.lrs) == available_methods(ablations=False) and full.seeds == [0, 1, 2]
-    assert len(full.lrs) == 12 and not any(METHODS[n].ablation for n in full.lrs)
+    assert len(full.lrs) == 13 and not any(METHODS[n].ablation for n in full.lrs)
     for name, lrs in full.lrs.items():
         assert lrs == lr_grid(METHODS[name].lr_for("classification"))
 
@@ -566,6 +617,7 @@ _QUICK = [
         pytest.param("clinc150", ["--final-eval-size", "8"], id="clinc150"),
         pytest.param("clinc150-oos", ["--final-eval-size", "8"], id="clinc150-oos"),
         pytest.param("e2e", [], id="e2e"),
+        pytest.param("e2e", ["--targets", "attention"], id="e2e-attention"),
         pytest.param("commonsense", ["--scoring", "likelihood"], id="commonsense-likelihood"),
         pytest.param("commonsense", ["--scoring", "generate"], id="commonsense-generate"),
         pytest.param("gsm8k", [], id="gsm8k"),
@@ -604,6 +656,10 @@ def test_bench_quick_every_task(task, extra, tmp_path, capsys):
         # the average of the seven test sets
         mean = sum(final[s] for s in COMMONSENSE_TEST_SETS) / len(COMMONSENSE_TEST_SETS)
         assert final["accuracy"] == pytest.approx(mean)
+    if "--targets" in extra:
+        # SmolLM2-135M: 30 layers; q/o 576 -> 576, k/v 576 -> 192 (3 KV heads of 64); r = 8
+        assert results["settings"]["targets"] == "attention"
+        assert run["trainable_params"] == 30 * 8 * (2 * (576 + 576) + 2 * (576 + 192))
     if task == "e2e":
         assert len(final["samples"]) == 2
         assert all(isinstance(s["output"], str) for s in final["samples"])

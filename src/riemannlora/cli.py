@@ -186,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
         "AdamW at this fixed lr for every method, so that the sweep moves only the LoRA "
         "optimizer (default: each method trains the head as it comes, mostly at the swept lr)",
     )
+    bench.add_argument(
+        "--targets",
+        default="all-linear",
+        help="which Linear layers get LoRA: 'all-linear' (every one but the head; default), "
+        "'attention' (those inside the attention blocks), or comma-separated leaf names such "
+        "as q_proj,v_proj",
+    )
     bench.add_argument("--batch-size", type=int, help="training batch size")
     bench.add_argument("--eval-every", type=int, help="steps between eval-loss points")
     bench.add_argument("--eval-size", type=int, help="eval examples of the eval-loss curve")
@@ -363,6 +370,20 @@ class _Plan:
     matched: str | None = None
 
 
+def _check_targets(parser: argparse.ArgumentParser, workload: Any, base: Any) -> None:
+    """``--targets`` against the model's own layers (the model is loaded once for this), so
+    that a wrong name fails here and not in every run."""
+    from riemannlora.bench.workloads import load_base, lora_target_modules
+
+    model, _ = load_base(workload, base.model, "cpu")
+    try:
+        lora_target_modules(model, base.targets)
+    except ValueError as exc:
+        parser.error(f"--targets: {exc}")
+    finally:
+        del model
+
+
 def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
     """Turn flags and preset into runs; every bad flag ends here with ``parser.error``."""
     import torch
@@ -420,12 +441,15 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
             scoring=args.scoring,
             head_lr=args.head_lr,
             columns=args.columns or "",
+            targets=args.targets.strip(),
             dtype=args.dtype
             or ("bfloat16" if preset == "gpu" and workload.kind != "diffusion" else "float32"),
             **sizes,
         )
     except ValueError as exc:
         parser.error(str(exc))
+    if base.targets != "all-linear":
+        _check_targets(parser, workload, base)
 
     refine = args.refine if args.refine is not None else preset == "full"
     if args.matched is None:
@@ -459,7 +483,8 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     quiet_libraries()
     print(
         f"riemannlora bench: task {base.task}, model {base.model}, preset {plan.preset}, "
-        f"methods {', '.join(plan.lrs)}, seeds {plan.seeds}, {base.steps} steps, "
+        f"LoRA on {base.targets}, methods {', '.join(plan.lrs)}, seeds {plan.seeds}, "
+        f"{base.steps} steps, "
         f"{torch.get_num_threads()} thread(s), out {args.out}",
         flush=True,
     )

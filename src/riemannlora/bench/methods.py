@@ -35,6 +35,9 @@ initial value to 0 over the run (:mod:`riemannlora.bench.runner`). The peak lear
 ``riemannion-loi``
     :func:`riemannlora.init_loi` (oversampling 16, 1 power iteration, alpha ``-0.01/sqrt(r)``) on
     the first training batch, then ``riemannion``.
+``riemannian-sgd-loi``
+    :func:`riemannlora.init_loi` on the first training batch, then ``riemannian-sgd`` (the
+    second paper's "Riemannian SGD + LOI").
 ``pissa``
     ``AdamW(lr)`` from PEFT's ``init_lora_weights="pissa"`` (principal singular vectors; the
     base weight becomes ``W - s B A``).
@@ -49,6 +52,13 @@ Ablations (not in ``--preset full``; run them with ``--methods``):
     ``riemannion`` with ``store_orthogonalized=True``: the momentum buffer keeps the
     orthogonalized step ``P_X(msign(D_t))`` (the paper's algorithm box) instead of the raw
     ``M_t`` (Muon's rule, the default).
+``riemannion-unscaled``
+    ``riemannion`` with ``scale_lr=None``: every layer's manifold step is ``lr`` times the
+    orthogonalized direction, with no ``0.2 sqrt(max(m, n))`` factor. It measures whether
+    that factor is what lets AdamW's lr transfer.
+``riemannion-pissa`` / ``riemannion-lora-ga``
+    ``riemannion`` started from PEFT's PiSSA / LoRA-GA init instead of the standard one (the
+    second paper's init ablation, beside ``pissa``, ``lora-ga`` and ``riemannion-loi``).
 ``riemannion-fixhead`` / ``adamw-fixhead``
     ``riemannion`` / ``adamw`` with the non-LoRA parameters (the classifier head) at the task's
     ``adamw`` default lr instead of ``lr``: an lr sweep then moves only the LoRA optimizer, which
@@ -237,9 +247,12 @@ def _riemannian_sgd(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
 def _riemannion(model: nn.Module, lr: float, ctx: MethodContext, **kw: Any) -> Any:
     import riemannlora
 
-    return riemannlora.Riemannion(
-        model, lr=lr, momentum=0.9, scale_lr="match_adamw", generator=ctx.generator(), **kw
-    )
+    kw.setdefault("scale_lr", "match_adamw")
+    return riemannlora.Riemannion(model, lr=lr, momentum=0.9, generator=ctx.generator(), **kw)
+
+
+def _riemannion_unscaled(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
+    return _riemannion(model, lr, ctx, scale_lr=None)
 
 
 def _riemannion_storeortho(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
@@ -367,12 +380,23 @@ METHODS: dict[str, Method] = {
         _m("riemannion-loi", "init_loi (oversampling 16, 1 power iteration) on the first "
            "batch, then riemannion", _riemannion, 3e-3, 5e-4, 1e-2, init="loi",
            requires=("Riemannion", "init_loi")),
+        _m("riemannian-sgd-loi", "init_loi on the first batch, then riemannian-sgd",
+           _riemannian_sgd, 1.0, 0.3, init="loi", requires=("RiemannianSGD", "init_loi")),
         _m("pissa", "AdamW from PEFT's PiSSA init (exact SVD)", _adamw, 2e-4, 1e-4,
            init="pissa"),
         _m("lora-ga", "AdamW from PEFT's LoRA-GA init (gradient of the first batch, "
            "ArB2r, stable scale)", _adamw, 2e-4, 1e-4, init="lora-ga"),
         _m("riemannion-storeortho", "ablation: riemannion storing the orthogonalized momentum",
            _riemannion_storeortho, 3e-3, 5e-4, 1e-2, requires=("Riemannion",), ablation=True),
+        _m("riemannion-unscaled", "ablation: riemannion with scale_lr=None (the lr is the "
+           "manifold step's own)", _riemannion_unscaled, 1e-2, 3e-3, 3e-2,
+           requires=("Riemannion",), ablation=True),
+        _m("riemannion-pissa", "ablation (init): riemannion from PEFT's PiSSA init",
+           _riemannion, 3e-3, 5e-4, 1e-2, init="pissa", requires=("Riemannion",),
+           ablation=True),
+        _m("riemannion-lora-ga", "ablation (init): riemannion from PEFT's LoRA-GA init",
+           _riemannion, 3e-3, 5e-4, 1e-2, init="lora-ga", requires=("Riemannion",),
+           ablation=True),
         _m("riemannion-fixhead", "ablation: riemannion with the head at the adamw default lr",
            _riemannion_fixhead, 3e-3, 5e-4, 1e-2, requires=("Riemannion",), ablation=True),
         _m("adamw-fixhead", "ablation: adamw with the head at the adamw default lr",

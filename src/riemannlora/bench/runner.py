@@ -86,7 +86,7 @@ BENCH_VERSION = 2  # 2: the embedded real-data tasks (BIG-bench is gone)
 #: Training dtypes of the model's base weights (``bfloat16``: the GPU preset).
 DTYPES = ("float32", "bfloat16")
 #: Fields added to :class:`RunConfig` after version 2's runs were cached, with their defaults.
-LATER_FIELDS: dict[str, Any] = {"columns": "", "dtype": "float32"}
+LATER_FIELDS: dict[str, Any] = {"columns": "", "dtype": "float32", "targets": "all-linear"}
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,9 @@ class RunConfig:
     model's weights (``"bfloat16"``: PEFT keeps the LoRA factors in float32). ``head_lr``: the
     parameters outside the LoRA pairs (a new classifier head) are trained by ``AdamW(head_lr)``
     for every method (:func:`riemannlora.bench.methods.build_optimizer`); ``None``: by each
-    method as it comes (most at the swept lr).
+    method as it comes (most at the swept lr). ``targets``: which Linear layers get LoRA
+    (:func:`riemannlora.bench.workloads.lora_target_modules`: ``"all-linear"``,
+    ``"attention"`` or comma-separated leaf names).
     """
 
     task: str
@@ -125,6 +127,7 @@ class RunConfig:
     head_lr: float | None = None
     columns: str = ""
     dtype: str = "float32"
+    targets: str = "all-linear"
 
     def __post_init__(self) -> None:
         if self.task == "custom":
@@ -144,6 +147,13 @@ class RunConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.dtype != "float32" and self.task == "diffusion":
             raise ValueError("the diffusion task trains in float32 only")
+        if not isinstance(self.targets, str) or not self.targets.strip():
+            raise ValueError(f"targets must be a non-empty string, got {self.targets!r}")
+        if self.targets != "all-linear" and self.task == "diffusion":
+            raise ValueError(
+                "the diffusion task puts LoRA on the UNet's attention projections only; "
+                "leave targets at 'all-linear'"
+            )
         if self.columns and self.task != "custom":
             raise ValueError(f"columns are only for task 'custom', not {self.task!r}")
         if self.scoring not in SCORINGS:
@@ -295,7 +305,8 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     )
     with PeakMemory(device) as memory:
         t0 = time.perf_counter()
-        model = method.initialize(base, lora_config(workload, base, cfg.rank), ctx)
+        config = lora_config(workload, base, cfg.rank, targets=cfg.targets)
+        model = method.initialize(base, config, ctx)
         optimizer = build_optimizer(method, model, cfg.lr, ctx)
         init_s = time.perf_counter() - t0
         trace = _train_loop(

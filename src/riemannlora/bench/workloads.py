@@ -71,6 +71,7 @@ from riemannlora.bench.tasks import (
 __all__ = [
     "HEAD_NAMES",
     "SCORINGS",
+    "TARGET_CHOICES",
     "WORKLOADS",
     "Workload",
     "eval_loss",
@@ -290,9 +291,61 @@ def lora_target_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def lora_config(workload: Workload, model: nn.Module, rank: int, **init: Any) -> Any:
-    """The ``peft.LoraConfig`` of the benchmark (``init``: extra fields such as
-    ``init_lora_weights``)."""
+#: Values of ``--targets`` besides a list of leaf names.
+TARGET_CHOICES = ("all-linear", "attention")
+
+
+def _is_attention_path(name: str) -> bool:
+    return any("attn" in part or "attention" in part for part in name.split(".")[:-1])
+
+
+def lora_target_modules(model: nn.Module, targets: str = "all-linear") -> list[str]:
+    """The module names PEFT's ``target_modules`` gets for ``targets``:
+
+    * ``"all-linear"``: the leaf names of every ``nn.Linear`` but the output heads
+      (:func:`lora_target_names`);
+    * ``"attention"``: the full names of the ``nn.Linear`` layers inside an attention block (a
+      parent module named ``*attn*`` or ``*attention*``: Llama's ``self_attn.{q,k,v,o}_proj``,
+      BERT's ``attention.self.{query,key,value}`` and ``attention.output.dense``);
+    * ``"name,name,..."``: those leaf names, each of which must name an ``nn.Linear``.
+
+    ``ValueError`` naming what the model has when nothing (or an unknown name) matches.
+    """
+    text = targets.strip()
+    if text == "all-linear":
+        return lora_target_names(model)
+    linear = {
+        name: name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in HEAD_NAMES
+    }
+    leaves = sorted(set(linear.values()))
+    if text == "attention":
+        chosen = sorted(name for name in linear if _is_attention_path(name))
+        if not chosen:
+            raise ValueError(
+                "targets 'attention': no nn.Linear of this model sits inside a module named "
+                f"*attn* or *attention*; name the layers instead (its Linear leaves: "
+                f"{', '.join(leaves)})"
+            )
+        return chosen
+    wanted = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = sorted(set(wanted) - set(leaves))
+    if not wanted or unknown:
+        raise ValueError(
+            f"targets {targets!r}: use {' or '.join(map(repr, TARGET_CHOICES))} or "
+            f"comma-separated names of this model's Linear layers ({', '.join(leaves)})"
+            + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+        )
+    return sorted(set(wanted))
+
+
+def lora_config(
+    workload: Workload, model: nn.Module, rank: int, targets: str = "all-linear", **init: Any
+) -> Any:
+    """The ``peft.LoraConfig`` of the benchmark: LoRA on ``targets``
+    (:func:`lora_target_modules`; the diffusion task always uses its attention projections);
+    ``init``: extra fields such as ``init_lora_weights``."""
     from peft import LoraConfig, TaskType
 
     if workload.kind == "diffusion":
@@ -311,7 +364,7 @@ def lora_config(workload: Workload, model: nn.Module, rank: int, **init: Any) ->
         r=rank,
         lora_alpha=2 * rank,
         lora_dropout=0.0,
-        target_modules=lora_target_names(model),
+        target_modules=lora_target_modules(model, targets),
         **init,
     )
 
