@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import io
 
 import pytest
@@ -79,8 +80,9 @@ def run_dense_check(opt_cls, steps=3, **kw):
     beta = kw.get("momentum", 0.9)
     nesterov = kw.get("nesterov", False)
     store_orth = kw.get("store_orthogonalized", False)
-    scale = kw.get("scale_lr")
     orth = opt_cls is rl.Riemannion
+    default_scale = inspect.signature(rl.Riemannion).parameters["scale_lr"].default
+    scale = kw.get("scale_lr", default_scale if orth else None)
     _, model = peft_mlp(init=kw.pop("init", False))
     data = mlp_data()
     opt = opt_cls(model, lr=lr, generator=torch.Generator().manual_seed(0), **kw)
@@ -124,6 +126,7 @@ def run_dense_check(opt_cls, steps=3, **kw):
         {"store_orthogonalized": True, "momentum": 0.5},
         {"store_orthogonalized": True, "nesterov": True},
         {"scale_lr": "match_adamw", "lr": 0.01, "weight_decay": 0.05},
+        {"scale_lr": None, "lr": 0.05, "weight_decay": 0.05},
         {"momentum": 0.0},
         {"init": True},  # first step from V = 0 (X = 0)
     ],
@@ -540,6 +543,7 @@ def test_structured_manifold_step_float32():
     [
         (rl.Riemannion, {}),
         (rl.Riemannion, {"nesterov": True, "weight_decay": 0.1}),
+        (rl.Riemannion, {"scale_lr": None, "weight_decay": 0.1}),
         (rl.RiemannianSGD, {"lr": 0.5}),
     ],
 )
@@ -586,10 +590,13 @@ def _check_optimizer_against_literal(opt_cls, kw, lr_factors=(1.0, 1.0, 1.0)):
             ]
         opt.step()
         for layer in layers:
+            # the default scale_lr="match_adamw": lr times 0.2 sqrt(max(m, n)), decay unscaled
+            scaled = opt.param_groups[0].get("scale_lr") == "match_adamw"
+            mult = 0.2 * max(layer.m, layer.n) ** 0.5 if scaled else 1.0
             U_ref, V_ref, _, Pm_ref, Rm_ref = manifold_step(
                 *before[layer.name],
-                lr=kw["lr"] * factor,
-                weight_decay=kw.get("weight_decay", 0.0),
+                lr=kw["lr"] * factor * mult,
+                weight_decay=kw.get("weight_decay", 0.0) / mult,
                 momentum=0.9,
                 dampening=0.9 if damp else 0.0,
                 nesterov=kw.get("nesterov", False),
