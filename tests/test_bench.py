@@ -447,6 +447,12 @@ def _plan(*argv: str):
     return cli._plan(args.parser, args)
 
 
+def test_cli_targets_have_one_spelling():
+    assert _plan("--targets", " value, query,value ").base.targets == "query,value"
+    assert _plan("--targets", "attention").base.targets == "attention"
+    assert _plan().base.targets == "all-linear"
+
+
 def test_cli_presets_plan_the_runs():
     default = _plan()
     assert list(default.lrs) == [m for m in MAIN_METHODS if m in available_methods()]

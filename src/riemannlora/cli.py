@@ -370,6 +370,15 @@ class _Plan:
     matched: str | None = None
 
 
+def _canonical_targets(text: str) -> str:
+    """``--targets`` in one spelling per meaning (the runs' cache key depends on it): a choice
+    as is, a list of names sorted, deduplicated and without spaces."""
+    text = text.strip()
+    if "," not in text:
+        return text
+    return ",".join(sorted({part.strip() for part in text.split(",") if part.strip()}))
+
+
 def _check_targets(parser: argparse.ArgumentParser, workload: Any, base: Any) -> None:
     """``--targets`` against the model's own layers (the model is loaded once for this), so
     that a wrong name fails here and not in every run."""
@@ -441,7 +450,7 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
             scoring=args.scoring,
             head_lr=args.head_lr,
             columns=args.columns or "",
-            targets=args.targets.strip(),
+            targets=_canonical_targets(args.targets),
             dtype=args.dtype
             or ("bfloat16" if preset == "gpu" and workload.kind != "diffusion" else "float32"),
             **sizes,
