@@ -256,6 +256,31 @@ def test_write_report(tmp_path):
     _check_pngs(tmp_path)
 
 
+def test_report_against_another_reference(tmp_path):
+    """--reference sgd: the paired differences and steps-to-target are against sgd, and the
+    report says so; adamw is then an ordinary method."""
+    records = [
+        _record(m, 1e-3, seed, final, acc)
+        for seed in (0, 1, 2)
+        for m, final, acc in (("sgd", 1.2 + seed / 100, 0.4), ("adamw", 1.0, 0.5))
+    ]
+    summary = summarize(records, ["accuracy"], reference="sgd")
+    assert summary["sgd"]["paired"]["eval_loss"]["mean"] == 0  # itself
+    paired = summary["adamw"]["paired"]["accuracy"]
+    assert paired["diffs"] == pytest.approx([0.1] * 3) and paired["verdict"] == "win"
+    results = {
+        "summary": summary,
+        "runs": records,
+        "metrics": ["accuracy"],
+        "settings": {"steps": 100},
+        "reference": "sgd",
+    }
+    table = write_report(tmp_path, results, "test")
+    assert "steps to sgd loss" in table
+    text = (tmp_path / "results.md").read_text()
+    assert "minus sgd at its own" in text and "| adamw | 3 |" in text
+
+
 def test_lr_sweep_plot_clips_runaway_losses():
     import matplotlib
 
@@ -430,7 +455,11 @@ def test_run_config_validation_and_key():
         (["--scoring", "generate"], "--scoring is for --task commonsense"),
         (["--task", "commonsense", "--scoring", "nope"], "invalid choice"),
         (["--task", "diffusion", "--targets", "attention"], "leave targets at 'all-linear'"),
-        (["--targets", "q_proj"], "unknown: q_proj"),  # MiniLM's are query, key, value, dense
+        (["--targets", "q_proj"], "unknown: q_proj"),
+        (
+            ["--methods", "adamw", "--reference", "sgd"],
+            "--reference: 'sgd' is not one of",
+        ),  # MiniLM's are query, key, value, dense
     ],
 )
 def test_cli_rejects_bad_flags(argv, message, capsys, tmp_path):
@@ -445,6 +474,11 @@ def _plan(*argv: str):
     parser = cli.build_parser()
     args = parser.parse_args(["bench", *argv])
     return cli._plan(args.parser, args)
+
+
+def test_cli_reference():
+    assert _plan().reference == "adamw"
+    assert _plan("--methods", "sgd,riemannian-sgd", "--reference", "SGD").reference == "sgd"
 
 
 def test_cli_targets_have_one_spelling():

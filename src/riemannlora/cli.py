@@ -177,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run every method, every seed, at METHOD's selected lr (the matched-lr "
         "comparison; default: adamw for --preset full when it runs, 'none' to turn it off)",
     )
+    bench.add_argument(
+        "--reference",
+        metavar="METHOD",
+        help="the method every other one is compared with: paired per-seed differences and "
+        "steps to its final loss (default adamw; e.g. sgd to compare the SGD-type methods "
+        "with plain SGD). It changes the report only, never which runs are trained",
+    )
     bench.add_argument("--steps", type=int, help="training steps per run")
     bench.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
     bench.add_argument(
@@ -368,6 +375,7 @@ class _Plan:
     skipped: dict[str, str]
     refine: bool = False
     matched: str | None = None
+    reference: str = "adamw"
 
 
 def _canonical_targets(text: str) -> str:
@@ -471,7 +479,12 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
             parser.error(
                 f"--matched: {args.matched!r} is not one of the methods run ({', '.join(methods)})"
             )
-    return _Plan(preset, base, lrs, seeds, skipped, refine, matched)
+    reference = (args.reference or "adamw").strip().lower()
+    if args.reference is not None and reference not in methods:
+        parser.error(
+            f"--reference: {args.reference!r} is not one of the methods run ({', '.join(methods)})"
+        )
+    return _Plan(preset, base, lrs, seeds, skipped, refine, matched, reference)
 
 
 def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -531,11 +544,11 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         "lrs": plan.lrs,
         "seeds": plan.seeds,
         "metrics": metrics,
-        "reference": "adamw",
+        "reference": plan.reference,
         "memory_kind": records[0]["memory_kind"] if records else None,
         "refine": plan.refine,
         "matched": plan.matched,
-        "summary": summarize(records, metrics, "adamw", plan.lrs, plan.refine, plan.matched),
+        "summary": summarize(records, metrics, plan.reference, plan.lrs, plan.refine, plan.matched),
         "runs": records,
         "failures": failures,
         "missing": missing or [],

@@ -395,7 +395,10 @@ def write_report(
     """
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = format_table(results["summary"], results["metrics"], results["settings"]["steps"])
+    reference = results.get("reference", "adamw")
+    table = format_table(
+        results["summary"], results["metrics"], results["settings"]["steps"], reference
+    )
     results = write_samples(out, results)
     _write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False))
     notes = (
@@ -407,9 +410,7 @@ def write_report(
         f"({results.get('memory_kind', 'peak memory')} above the loaded base model)."
     )
     sweep = _format_sweep(results["summary"])
-    paired = format_paired(
-        results["summary"], results["metrics"], results.get("reference", "adamw")
-    )
+    paired = format_paired(results["summary"], results["metrics"], reference)
     paired = f"\n{paired}" if paired else ""
     _write_text(out / "results.md", f"# {title}\n\n{table}\n\n{notes}\n{paired}{sweep}")
     if results["summary"]:
