@@ -139,6 +139,10 @@ def test_summarize_selects_on_the_refined_grid_only_and_reports_matched():
     )
     text = format_paired(out, ["accuracy"])
     assert "matched lr" in text and "**win**" in text and "| riemannion | 3 |" in text
+    assert "every method at adamw's selected lr (5e-05) (matched lr)" in text
+    # another reference: the matched lr is still the matched method's, and the title says so
+    other = format_paired(out, ["accuracy"], reference="riemannion", matched="adamw")
+    assert "every method at adamw's selected lr (5e-05) (matched lr), minus riemannion" in other
 
 
 # --------------------------------------------------------------------------------------------

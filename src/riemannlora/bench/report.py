@@ -104,17 +104,23 @@ def _ci_cell(p: dict[str, Any] | None, digits: int) -> str:
 
 
 def format_paired(
-    summary: dict[str, dict[str, Any]], metrics: list[str], reference: str = "adamw"
+    summary: dict[str, dict[str, Any]],
+    metrics: list[str],
+    reference: str = "adamw",
+    matched: str | None = None,
 ) -> str:
     """Markdown tables of the paired per-seed differences against ``reference``: at each
-    method's own selected lr, and (when the sweep ran it) at ``reference``'s lr for all; ``""``
-    when there is nothing to compare."""
+    method's own selected lr, and (when the sweep ran it) at ``matched``'s selected lr for all
+    (``matched`` defaults to ``reference``); ``""`` when there is nothing to compare."""
     names = ["eval_loss", *metrics]
     digits = {"bleu": 2, "nist": 3}
+    matched = matched or reference
+    matched_lr = next((s["matched"]["lr"] for s in summary.values() if s.get("matched")), None)
+    at = f"{matched}'s selected lr" + (f" ({matched_lr:.3g})" if matched_lr is not None else "")
     parts = []
     for title, key in (
         (f"each method at its own selected lr, minus {reference} at its own", "paired"),
-        (f"every method at {reference}'s selected lr (matched lr), minus {reference}", "matched"),
+        (f"every method at {at} (matched lr), minus {reference} at that lr", "matched"),
     ):
         rows = []
         for method, s in summary.items():
@@ -410,7 +416,9 @@ def write_report(
         f"({results.get('memory_kind', 'peak memory')} above the loaded base model)."
     )
     sweep = _format_sweep(results["summary"])
-    paired = format_paired(results["summary"], results["metrics"], reference)
+    paired = format_paired(
+        results["summary"], results["metrics"], reference, results.get("matched")
+    )
     paired = f"\n{paired}" if paired else ""
     _write_text(out / "results.md", f"# {title}\n\n{table}\n\n{notes}\n{paired}{sweep}")
     if results["summary"]:
