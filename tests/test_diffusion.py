@@ -172,7 +172,7 @@ def test_lora_on_the_attention_projections_trains_with_every_main_method(tiny, m
 
 
 @pytest.mark.slow
-def test_bench_diffusion_quick_writes_finite_results_and_sample_grids(tiny, tmp_path):
+def test_bench_diffusion_quick_writes_finite_results_and_sample_grids(tiny, tmp_path, capsys):
     from riemannlora import cli
 
     out = tmp_path / "bench"
@@ -182,6 +182,8 @@ def test_bench_diffusion_quick_writes_finite_results_and_sample_grids(tiny, tmp_
          "--threads", "2", "--no-progress"]
     )  # fmt: skip
     assert rc == 0
+    # the banner names the layers that really get LoRA, not the LLM tasks' default
+    assert "LoRA on to_q,to_k,to_v,to_out.0," in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "diffusion" and results["model"] == TINY
     assert results["metrics"] == ["subject_accuracy", "retained_accuracy"]

@@ -503,9 +503,15 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     quiet_libraries()
+    # the diffusion task has one target set of its own (the UNet's attention projections)
+    targets = base.targets
+    if base.task == "diffusion":
+        from riemannlora.bench.diffusion.model import LORA_TARGETS
+
+        targets = ",".join(LORA_TARGETS)
     print(
         f"riemannlora bench: task {base.task}, model {base.model}, preset {plan.preset}, "
-        f"LoRA on {base.targets}, methods {', '.join(plan.lrs)}, seeds {plan.seeds}, "
+        f"LoRA on {targets}, methods {', '.join(plan.lrs)}, seeds {plan.seeds}, "
         f"{base.steps} steps, "
         f"{torch.get_num_threads()} thread(s), out {args.out}",
         flush=True,
