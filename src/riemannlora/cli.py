@@ -494,7 +494,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from riemannlora.bench.report import write_report
     from riemannlora.bench.runner import BENCH_VERSION, RunCache, quiet_libraries, run_sweep
     from riemannlora.bench.summary import summarize
-    from riemannlora.bench.workloads import get_workload
+    from riemannlora.bench.workloads import fixed_lora_targets, get_workload
 
     start = time.perf_counter()
     plan = _plan(parser, args)
@@ -503,12 +503,8 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     quiet_libraries()
-    # the diffusion task has one target set of its own (the UNet's attention projections)
-    targets = base.targets
-    if base.task == "diffusion":
-        from riemannlora.bench.diffusion.model import LORA_TARGETS
-
-        targets = ",".join(LORA_TARGETS)
+    fixed = fixed_lora_targets(get_workload(base.task, base.data, base.columns))
+    targets = ",".join(fixed) if fixed is not None else base.targets
     print(
         f"riemannlora bench: task {base.task}, model {base.model}, preset {plan.preset}, "
         f"LoRA on {targets}, methods {', '.join(plan.lrs)}, seeds {plan.seeds}, "

@@ -340,23 +340,28 @@ def lora_target_modules(model: nn.Module, targets: str = "all-linear") -> list[s
     return sorted(set(wanted))
 
 
+def fixed_lora_targets(workload: Workload) -> tuple[str, ...] | None:
+    """The LoRA targets a task always uses whatever ``--targets`` says (the diffusion task: the
+    UNet's attention projections), or None where ``--targets`` decides."""
+    if workload.kind != "diffusion":
+        return None
+    from riemannlora.bench.diffusion import LORA_TARGETS
+
+    return LORA_TARGETS
+
+
 def lora_config(
     workload: Workload, model: nn.Module, rank: int, targets: str = "all-linear", **init: Any
 ) -> Any:
     """The ``peft.LoraConfig`` of the benchmark: LoRA on ``targets``
-    (:func:`lora_target_modules`; the diffusion task always uses its attention projections);
+    (:func:`lora_target_modules`), or on the task's :func:`fixed_lora_targets`;
     ``init``: extra fields such as ``init_lora_weights``."""
     from peft import LoraConfig, TaskType
 
-    if workload.kind == "diffusion":
-        from riemannlora.bench.diffusion import LORA_TARGETS
-
+    fixed = fixed_lora_targets(workload)
+    if fixed is not None:
         return LoraConfig(
-            r=rank,
-            lora_alpha=2 * rank,
-            lora_dropout=0.0,
-            target_modules=list(LORA_TARGETS),
-            **init,
+            r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(fixed), **init
         )
     task_type = TaskType.SEQ_CLS if workload.kind == "classification" else TaskType.CAUSAL_LM
     return LoraConfig(
