@@ -125,6 +125,16 @@ def test_dreambooth_batches_are_seeded_weighted_and_eval_is_unseen(tiny):
         for img in e["pixel_values"]:
             assert not (flat == img.flatten()).all(1).any()
     assert torch.equal(data.eval_batches(10, 4)[0]["noise"], evals[0]["noise"])  # fixed
+    # every test image of the class is usable; one more is an error, not a smaller evaluation
+    from riemannlora.bench.diffusion.model import load_mnist
+    from riemannlora.bench.workloads import WORKLOADS
+
+    _, labels = load_mnist("test", tiny.config.image_size)
+    available = int((labels == tiny.config.subject).sum())
+    assert sum(len(e["pixel_values"]) for e in data.eval_batches(available, 512)) == available
+    with pytest.raises(ValueError, match="--eval-size between 1 and"):
+        data.eval_batches(available + 1)
+    assert WORKLOADS["diffusion"].settings("gpu")["eval_size"] <= int(labels.bincount().min())
 
 
 @pytest.mark.slow

@@ -297,7 +297,12 @@ def test_gpu_preset_is_bigger_and_bfloat16():
         assert gpu.steps > default.steps and gpu.batch_size > default.batch_size
         assert gpu.final_eval_size > default.final_eval_size
     args = parser.parse_args(["bench", "--task", "diffusion", "--preset", "gpu"])
-    assert cli._plan(args.parser, args).base.dtype == "float32"
+    gpu = cli._plan(args.parser, args).base
+    args = parser.parse_args(["bench", "--task", "diffusion"])
+    default = cli._plan(args.parser, args).base
+    assert gpu.dtype == "float32"
+    assert gpu.steps > default.steps and gpu.batch_size > default.batch_size
+    assert gpu.eval_size > default.eval_size and gpu.final_eval_size > default.final_eval_size
     args = parser.parse_args(["bench", "--task", "diffusion", "--dtype", "bfloat16"])
     with pytest.raises(SystemExit):
         cli._plan(args.parser, args)

@@ -47,7 +47,8 @@ Presets (explicit flags override them):
            adamw with bootstrap 95% intervals (hours on a CPU, or use --device cuda)
 
   gpu      the default methods with larger runs for a GPU (--device cuda): more steps,
-           bigger batches and evaluations, the base model in bfloat16
+           bigger batches and evaluations, the base model in bfloat16 (diffusion: float32,
+           600 steps of 16, all 892 test images of the subject class, 256 samples)
 
 Data: the built-in tasks read real data sets embedded in the package (nothing is
 downloaded). --data PATH_OR_HUB_ID compares the optimizers on your data instead: a .jsonl /

@@ -207,6 +207,8 @@ _DIFFUSION = Workload(
         # eval_size: unseen test images of the new class; final_eval_size: subject samples
         "default": _sizes(150, 8, 25, 128, 64, 0, 0),
         "quick": _sizes(4, 4, 2, 16, 8, 0, 0),
+        # every test image of the held-out class (at least 892 per digit), 4x the samples
+        "gpu": _sizes(600, 16, 50, 892, 256, 0, 0),
     },
     eval_batch_size=64,
 )

@@ -97,7 +97,13 @@ class DreamBoothData:
 
     def eval_batches(self, n: int, batch_size: int = 64) -> list[dict[str, Tensor]]:
         x, y = load_mnist("test", self.base.config.image_size)
-        x = x[y == self.base.config.subject][:n]
+        x = x[y == self.base.config.subject]
+        if not 1 <= n <= len(x):
+            raise ValueError(
+                f"eval_size {n}: the subject class has {len(x)} test images; "
+                f"use --eval-size between 1 and {len(x)}"
+            )
+        x = x[:n]
         gen = torch.Generator().manual_seed(4321)
         timesteps = torch.linspace(20, 980, len(x)).round().long()  # spread over the schedule
         batch = self._batch(
