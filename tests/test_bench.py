@@ -698,7 +698,7 @@ def test_bench_quick_every_task(task, extra, tmp_path, capsys):
         assert final["accuracy"] == pytest.approx(mean)
     if "--targets" in extra:
         # SmolLM2-135M: 30 layers; q/o 576 -> 576, k/v 576 -> 192 (3 KV heads of 64); r = 8
-        assert results["settings"]["targets"] == "attention"
+        assert results["settings"]["targets"] == results["lora_targets"] == "attention"
         assert run["trainable_params"] == 30 * 8 * (2 * (576 + 576) + 2 * (576 + 192))
     if task == "e2e":
         assert len(final["samples"]) == 2

@@ -196,6 +196,7 @@ def test_bench_diffusion_quick_writes_finite_results_and_sample_grids(tiny, tmp_
     assert "LoRA on to_q,to_k,to_v,to_out.0," in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "diffusion" and results["model"] == TINY
+    assert results["lora_targets"] == "to_q,to_k,to_v,to_out.0"
     assert results["metrics"] == ["subject_accuracy", "retained_accuracy"]
     assert len(results["runs"]) == 4 and not results["failures"]
     for run in results["runs"]:

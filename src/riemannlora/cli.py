@@ -543,6 +543,8 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         "settings": {
             k: v for k, v in dataclasses.asdict(base).items() if k not in ("method", "lr", "seed")
         },
+        # what LoRA was put on: settings["targets"] as asked, or the task's fixed targets
+        "lora_targets": targets,
         "methods": list(plan.lrs),
         "lrs": plan.lrs,
         "seeds": plan.seeds,
