@@ -447,6 +447,10 @@ def test_run_config_validation_and_key():
         (["--lrs", "0"], "> 0"),
         (["--lrs=-1e-3"], "> 0"),
         (["--lrs", "abc"], "not a number"),
+        (["--methods", "adamw", "--lrs-for", "sgd=1e-1"], "not one of the methods run"),
+        (["--methods", "sgd", "--lrs-for", "sgd"], "expected METHOD=LR"),
+        (["--methods", "sgd", "--lrs-for", "sgd=0"], "--lrs-for sgd: learning rates must be"),
+        (["--methods", "sgd", "--lrs-for", "sgd=1", "--lrs-for", "SGD=2"], "given twice"),
         (["--task", "nope"], "invalid choice"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--seeds", "0,x"], "--seeds"),
@@ -508,6 +512,29 @@ def test_cli_presets_plan_the_runs():
     assert all(v == [1e-4, 1e-3] for v in quick.lrs.values())
     grid = lr_grid(METHODS["adamw"].lr_for("classification"))
     assert _plan("--lrs", "grid", "--methods", "adamw").lrs == {"adamw": grid}
+
+
+def test_cli_lrs_for_gives_a_method_its_own_grid():
+    plan = _plan(
+        "--methods", "adamw,sgd,riemannian-sgd,riemannion",
+        "--lrs", "1e-4,1e-3",
+        "--lrs-for", "SGD=1e-2,1",
+        "--lrs-for", "riemannian-sgd=grid",
+    )  # fmt: skip
+    assert plan.lrs == {
+        "adamw": [1e-4, 1e-3],
+        "sgd": [1e-2, 1.0],
+        "riemannian-sgd": lr_grid(METHODS["riemannian-sgd"].lr_for("classification")),
+        "riemannion": [1e-4, 1e-3],
+    }
+    # without --lrs, the other methods keep the preset's choice (default lr; full: the grid)
+    plan = _plan("--methods", "adamw,sgd", "--lrs-for", "sgd=default")
+    assert plan.lrs == {
+        "adamw": [METHODS["adamw"].lr_for("classification")],
+        "sgd": [METHODS["sgd"].lr_for("classification")],
+    }
+    full = _plan("--preset", "full", "--methods", "adamw,sgd", "--lrs-for", "sgd=0.5")
+    assert full.lrs == {"adamw": lr_grid(METHODS["adamw"].lr_for("classification")), "sgd": [0.5]}
 
 
 def test_cli_help_lists_methods(capsys):

@@ -165,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated learning rates for every method, or 'grid' (each method's "
         "7-point grid) or 'default' (each method's default lr)",
     )
+    bench.add_argument(
+        "--lrs-for",
+        action="append",
+        metavar="METHOD=LRS",
+        help="the lrs of one method (as --lrs: numbers, 'grid' or 'default'), in place of "
+        "--lrs; repeat for several methods, e.g. --lrs-for sgd=1e-2,1e-1,1,10 (so that "
+        "methods of different lr scales share one sweep and one report)",
+    )
     bench.add_argument("--seeds", help="comma-separated integer seeds (default: 0; full: 0,1,2)")
     bench.add_argument(
         "--refine",
@@ -272,19 +280,54 @@ def _split(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _parse_lrs(parser: argparse.ArgumentParser, text: str) -> list[float]:
+def _parse_lrs(parser: argparse.ArgumentParser, text: str, flag: str = "--lrs") -> list[float]:
     values = []
     for item in _split(text):
         try:
             lr = float(item)
         except ValueError:
-            parser.error(f"--lrs: {item!r} is not a number")
+            parser.error(f"{flag}: {item!r} is not a number")
         if not math.isfinite(lr) or lr <= 0:
-            parser.error(f"--lrs: learning rates must be finite and > 0, got {item}")
+            parser.error(f"{flag}: learning rates must be finite and > 0, got {item}")
         values.append(lr)
     if not values:
-        parser.error("--lrs: no learning rate given")
+        parser.error(f"{flag}: no learning rate given")
     return values
+
+
+def _lrs_of(
+    parser: argparse.ArgumentParser, mode: str, method: str, kind: str, flag: str
+) -> list[float]:
+    """The lrs of ``method`` for a ``--lrs`` value: 'grid' (its 7-point grid), 'default' (its
+    default lr) or comma-separated numbers."""
+    from riemannlora.bench.methods import METHODS, lr_grid
+
+    mode = mode.strip().lower()
+    if mode == "grid":
+        return lr_grid(METHODS[method].lr_for(kind))
+    if mode == "default":
+        return [METHODS[method].lr_for(kind)]
+    return _parse_lrs(parser, mode, flag)
+
+
+def _lrs_for(
+    parser: argparse.ArgumentParser, items: list[str], methods: list[str]
+) -> dict[str, str]:
+    """``--lrs-for METHOD=LRS`` flags -> {method: LRS}; each method once, and one of the run."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip().lower()
+        if not sep or not name or not value.strip():
+            parser.error(f"--lrs-for: expected METHOD=LR,LR,... (or =grid, =default), got {item!r}")
+        if name not in methods:
+            parser.error(
+                f"--lrs-for: {name!r} is not one of the methods run ({', '.join(methods)})"
+            )
+        if name in out:
+            parser.error(f"--lrs-for: {name!r} is given twice")
+        out[name] = value
+    return out
 
 
 def _parse_seeds(parser: argparse.ArgumentParser, text: str) -> list[int]:
@@ -408,7 +451,6 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
 
     from riemannlora.bench.assets import canonical_model_id
     from riemannlora.bench.data import DataError
-    from riemannlora.bench.methods import METHODS, lr_grid
     from riemannlora.bench.runner import RunConfig
     from riemannlora.bench.userdata import data_fingerprint
     from riemannlora.bench.workloads import get_workload
@@ -433,14 +475,10 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
         seeds = _parse_seeds(parser, args.seeds)
     else:
         seeds = [0, 1, 2] if preset == "full" else [0]
-    lr_mode = (args.lrs or ("grid" if preset == "full" else "default")).strip().lower()
-    if lr_mode == "grid":
-        lrs = {m: lr_grid(METHODS[m].lr_for(workload.kind)) for m in methods}
-    elif lr_mode == "default":
-        lrs = {m: [METHODS[m].lr_for(workload.kind)] for m in methods}
-    else:
-        values = _parse_lrs(parser, lr_mode)
-        lrs = {m: list(values) for m in methods}
+    lr_mode = args.lrs or ("grid" if preset == "full" else "default")
+    lrs = {m: _lrs_of(parser, lr_mode, m, workload.kind, "--lrs") for m in methods}
+    for m, mode in _lrs_for(parser, args.lrs_for or [], methods).items():
+        lrs[m] = _lrs_of(parser, mode, m, workload.kind, f"--lrs-for {m}")
 
     sizes = workload.settings(preset)
     for name in (*sizes, "rank"):
