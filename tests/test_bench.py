@@ -537,6 +537,48 @@ def test_cli_lrs_for_gives_a_method_its_own_grid():
     assert full.lrs == {"adamw": lr_grid(METHODS["adamw"].lr_for("classification")), "sgd": [0.5]}
 
 
+def _split_rows(task: str, split: str) -> list[dict]:
+    return WORKLOADS[task].task().split(split)
+
+
+@pytest.mark.parametrize(
+    ("task", "flag", "limit"),
+    [
+        ("clinc150", "--eval-size", lambda: len(_split_rows("clinc150", "validation"))),
+        ("clinc150", "--final-eval-size", lambda: len(_split_rows("clinc150", "test"))),
+        ("e2e", "--final-eval-size", lambda: len({r["mr"] for r in _split_rows("e2e", "test")})),
+        (
+            "commonsense",
+            "--final-eval-size",
+            lambda: max(
+                sum(r["set"] == name for r in _split_rows("commonsense", "test"))
+                for name in COMMONSENSE_TEST_SETS
+            ),
+        ),
+        ("gsm8k", "--eval-size", lambda: len(_split_rows("gsm8k", "validation"))),
+    ],
+)
+def test_cli_eval_sizes_beyond_the_data_are_refused(task, flag, limit, capsys, tmp_path):
+    """An eval size larger than the data would read fewer rows than the run records."""
+    n = limit()
+    setting = flag[2:].replace("-", "_")
+    assert getattr(_plan("--task", task, flag, str(n)).base, setting) == n  # the limit itself runs
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--out", str(tmp_path), "--task", task, flag, str(n + 1)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{flag} {n + 1}: {task} has no more" in err and f"use at most {n}" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_preset_sizes_beyond_the_data_read_all_of_it():
+    """The gpu preset asks clinc150 for more test queries than it has: the run records what
+    it reads (all of them), not the preset's number."""
+    n_test = len(_split_rows("clinc150", "test"))
+    assert WORKLOADS["clinc150"].settings("gpu")["final_eval_size"] > n_test
+    assert _plan("--preset", "gpu").base.final_eval_size == n_test
+
+
 def test_cli_help_lists_methods(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", "--help"])

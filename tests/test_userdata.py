@@ -539,3 +539,25 @@ def test_columns_flag_through_the_cli(tmp_path, capsys):
         cli.main(["bench", "--data", str(path), "--columns", "label=nope", "--out", str(out)])
     assert exc.value.code == 2 and "no column 'nope'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_eval_sizes_of_a_small_data_set(tmp_path, capsys):
+    """The presets' eval sizes are larger than a small file's held-out rows: the run reads
+    (and records) all of them; an explicit larger size is refused before anything runs."""
+    data = _write_jsonl(tmp_path / "d.jsonl", _intents(60))
+    task = user_task(str(data))
+    parser = cli.build_parser()
+    args = parser.parse_args(["bench", "--data", str(data), "--quick"])
+    base = cli._plan(args.parser, args).base
+    assert (base.eval_size, base.final_eval_size) == (len(task.validation), len(task.test))
+    out = tmp_path / "out"
+    too_many = str(len(task.validation) + 1)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(
+            ["bench", "--data", str(data), "--quick", "--eval-size", too_many, "--out", str(out)]
+        )
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--eval-size {too_many}: --data has no more" in err
+    assert f"use at most {len(task.validation)}" in err
+    assert not out.exists()

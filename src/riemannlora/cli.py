@@ -211,12 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--batch-size", type=int, help="training batch size")
     bench.add_argument("--eval-every", type=int, help="steps between eval-loss points")
-    bench.add_argument("--eval-size", type=int, help="eval examples of the eval-loss curve")
+    bench.add_argument(
+        "--eval-size",
+        type=int,
+        help="eval examples of the eval-loss curve (the first N validation rows; at most as "
+        "many as the task has, which is what a preset's larger size reads)",
+    )
     bench.add_argument(
         "--final-eval-size",
         type=int,
         help="test examples of the final metrics (commonsense: per test set; e2e: meaning "
-        "representations decoded; gsm8k: problems decoded)",
+        "representations decoded; gsm8k: problems decoded); at most as many as the task has",
     )
     bench.add_argument(
         "--max-new-tokens", type=int, help="e2e / gsm8k / commonsense: greedy-decoding length"
@@ -484,6 +489,16 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
     for name in (*sizes, "rank"):
         if getattr(args, name, None) is not None:
             sizes[name] = getattr(args, name)
+    for name, (limit, why) in workload.size_limits().items():
+        if sizes[name] <= limit:
+            continue
+        if getattr(args, name, None) is not None:
+            parser.error(
+                f"--{name.replace('_', '-')} {sizes[name]}: "
+                f"{'--data' if workload.name == 'custom' else workload.name} has no more "
+                f"({why}); use at most {limit}"
+            )
+        sizes[name] = limit  # a preset's size beyond the data (a small --data): all of it
     try:
         base = RunConfig(
             task=workload.name,

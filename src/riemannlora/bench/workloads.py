@@ -126,6 +126,28 @@ class Workload:
             _user_task(self.data, self.columns) if self.name == "custom" else task_data(self.name)
         )
 
+    def size_limits(self) -> dict[str, tuple[int, str]]:
+        """The largest ``eval_size`` / ``final_eval_size`` the task's data hold, each with
+        what bounds it: ``{setting: (limit, reason)}``. A larger value would silently read
+        fewer rows than the run records. Empty for ``diffusion`` (its bound, the subject
+        class's test images, depends on the model; checked when its eval set is built)."""
+        if self.kind == "diffusion":
+            return {}
+        task = self.task()
+        n_val, test = len(task.split("validation")), task.split("test")
+        limits = {"eval_size": (n_val, f"its validation split has {n_val} rows")}
+        if self.name in ("e2e", "gsm8k") and len(test) < n_val:  # their test loss reads it too
+            limits["eval_size"] = (len(test), f"its test split has {len(test)} rows")
+        if self.name == "e2e":
+            n = len(e2e_references(test)[0])
+            limits["final_eval_size"] = (n, f"its test split has {n} distinct MRs")
+        elif self.name == "commonsense":  # the first N questions of each test set
+            n = max(sum(1 for r in test if r["set"] == name) for name in COMMONSENSE_TEST_SETS)
+            limits["final_eval_size"] = (n, f"its largest test set has {n} questions")
+        else:
+            limits["final_eval_size"] = (len(test), f"its test split has {len(test)} rows")
+        return limits
+
 
 def _sizes(steps: int, batch: int, every: int, evals: int, final: int, length: int, new: int):
     return dict(
