@@ -111,6 +111,13 @@ def test_ablations_change_only_what_they_name():
     lrs = sorted(g["lr"] for g in adamw.param_groups)
     assert lrs == [1e-3, 0.5] and sum(len(g["params"]) for g in adamw.param_groups) == 4 + 2
     assert {g["lr"] for g in build("adamw", 0.5).param_groups} == {0.5}
+    plain_sgd, heavy_ball = build("sgd", 0.5), build("sgd-momentum", 0.5)
+    assert {g["momentum"] for g in plain_sgd.param_groups} == {0}
+    assert {g["momentum"] for g in heavy_ball.param_groups} == {0.9}
+    assert sum(len(g["params"]) for g in heavy_ball.param_groups) == 4 + 2
+    if "riemannian-sgd" in available_methods():  # the control has the manifold step's momentum
+        rsgd = build("riemannian-sgd", 0.5)
+        assert {g["momentum"] for g in rsgd.param_groups if "momentum" in g} == {0.9}
     if "riemannion" in available_methods():
         plain, fixed = build("riemannion", 0.5), build("riemannion-fixhead", 0.5)
         assert {g["lr"] for g in plain.param_groups} == {0.5}

@@ -59,6 +59,10 @@ Ablations (not in ``--preset full``; run them with ``--methods``):
 ``riemannion-pissa`` / ``riemannion-lora-ga``
     ``riemannion`` started from PEFT's PiSSA / LoRA-GA init instead of the standard one (the
     second paper's init ablation, beside ``pissa``, ``lora-ga`` and ``riemannion-loi``).
+``sgd-momentum``
+    ``torch.optim.SGD(lr, momentum=0.9)`` on every trainable parameter: the control for
+    ``riemannian-sgd``, whose momentum is 0.9 too, so that a comparison with it isolates the
+    manifold step (``sgd`` has no momentum).
 ``riemannion-fixhead`` / ``adamw-fixhead``
     ``riemannion`` / ``adamw`` with the non-LoRA parameters (the classifier head) at the task's
     ``adamw`` default lr instead of ``lr``: an lr sweep then moves only the LoRA optimizer, which
@@ -184,6 +188,10 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 
 def _sgd(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
     return torch.optim.SGD(_trainable(model), lr=lr)
+
+
+def _sgd_momentum(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
+    return torch.optim.SGD(_trainable(model), lr=lr, momentum=0.9)
 
 
 def _adamw(model: nn.Module, lr: float, ctx: MethodContext) -> Any:
@@ -399,6 +407,8 @@ METHODS: dict[str, Method] = {
            ablation=True),
         _m("riemannion-fixhead", "ablation: riemannion with the head at the adamw default lr",
            _riemannion_fixhead, 3e-3, 5e-4, 1e-2, requires=("Riemannion",), ablation=True),
+        _m("sgd-momentum", "ablation: torch SGD, momentum 0.9 (riemannian-sgd's momentum)",
+           _sgd_momentum, 0.1, 0.03, ablation=True),
         _m("adamw-fixhead", "ablation: adamw with the head at the adamw default lr",
            _adamw_fixhead, 3e-3, 5e-4, 3e-3, ablation=True),
     )
