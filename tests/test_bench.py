@@ -548,6 +548,19 @@ def _split_rows(task: str, split: str) -> list[dict]:
     return WORKLOADS[task].task().split(split)
 
 
+def _test_images_of_digit(digit: int) -> int:
+    import gzip
+    import pickle
+
+    from riemannlora.bench.assets import mnist_file
+    from riemannlora.bench.diffusion.model import PRETRAIN_CONFIGS
+
+    assert PRETRAIN_CONFIGS["riemannlora/mnist-digits-unet"].subject == digit
+    with gzip.open(mnist_file(), "rb") as f:
+        labels = pickle.load(f, encoding="latin1")[2][1]  # (train, valid, test) of (x, y)
+    return int((labels == digit).sum())
+
+
 @pytest.mark.parametrize(
     ("task", "flag", "limit"),
     [
@@ -563,6 +576,7 @@ def _split_rows(task: str, split: str) -> list[dict]:
             ),
         ),
         ("gsm8k", "--eval-size", lambda: len(_split_rows("gsm8k", "validation"))),
+        ("diffusion", "--eval-size", lambda: _test_images_of_digit(7)),
     ],
 )
 def test_cli_eval_sizes_beyond_the_data_are_refused(task, flag, limit, capsys, tmp_path):

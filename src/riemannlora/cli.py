@@ -454,7 +454,7 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
     """Turn flags and preset into runs; every bad flag ends here with ``parser.error``."""
     import torch
 
-    from riemannlora.bench.assets import canonical_model_id
+    from riemannlora.bench.assets import AssetNotFoundError, canonical_model_id
     from riemannlora.bench.data import DataError
     from riemannlora.bench.runner import RunConfig
     from riemannlora.bench.userdata import data_fingerprint
@@ -489,7 +489,12 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
     for name in (*sizes, "rank"):
         if getattr(args, name, None) is not None:
             sizes[name] = getattr(args, name)
-    for name, (limit, why) in workload.size_limits().items():
+    model = canonical_model_id(args.model or workload.model_for(preset))
+    try:
+        limits = workload.size_limits(model)
+    except AssetNotFoundError as exc:
+        parser.error(str(exc))
+    for name, (limit, why) in limits.items():
         if sizes[name] <= limit:
             continue
         if getattr(args, name, None) is not None:
@@ -502,7 +507,7 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
     try:
         base = RunConfig(
             task=workload.name,
-            model=canonical_model_id(args.model or workload.model_for(preset)),
+            model=model,
             method=methods[0],
             lr=lrs[methods[0]][0],
             seed=seeds[0],

@@ -126,13 +126,20 @@ class Workload:
             _user_task(self.data, self.columns) if self.name == "custom" else task_data(self.name)
         )
 
-    def size_limits(self) -> dict[str, tuple[int, str]]:
+    def size_limits(self, model: str = "") -> dict[str, tuple[int, str]]:
         """The largest ``eval_size`` / ``final_eval_size`` the task's data hold, each with
         what bounds it: ``{setting: (limit, reason)}``. A larger value would silently read
-        fewer rows than the run records. Empty for ``diffusion`` (its bound, the subject
-        class's test images, depends on the model; checked when its eval set is built)."""
+        fewer rows than the run records. ``diffusion``: the eval set is the test images of
+        ``model``'s subject class (a built-in model; a saved one's is checked when its eval set
+        is built), and the final samples are generated, so unbounded."""
         if self.kind == "diffusion":
-            return {}
+            from riemannlora.bench.diffusion.model import PRETRAIN_CONFIGS, load_mnist
+
+            if model not in PRETRAIN_CONFIGS:
+                return {}
+            config = PRETRAIN_CONFIGS[model]
+            n = int((load_mnist("test", config.image_size)[1] == config.subject).sum())
+            return {"eval_size": (n, f"its subject, digit {config.subject}, has {n} test images")}
         task = self.task()
         n_val, test = len(task.split("validation")), task.split("test")
         limits = {"eval_size": (n_val, f"its validation split has {n_val} rows")}
