@@ -439,9 +439,23 @@ def test_plan_of_user_data(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 _QUICK = [
-    "--quick", "--methods", "adamw", "--steps", "2", "--eval-every", "1", "--eval-size", "4",
-    "--final-eval-size", "4", "--batch-size", "2", "--threads", "1", "--no-progress",
-]  # fmt: skip
+    "--quick",
+    "--methods",
+    "adamw",
+    "--steps",
+    "2",
+    "--eval-every",
+    "1",
+    "--eval-size",
+    "2",
+    "--final-eval-size",
+    "2",
+    "--batch-size",
+    "2",
+    "--threads",
+    "1",
+    "--no-progress",
+]  # fmt: skip  (eval sizes: the 2 validation / test rows that 40 rows hold out)
 
 
 def _results(out: pathlib.Path, data: pathlib.Path, metrics: list[str]) -> dict:
@@ -450,6 +464,7 @@ def _results(out: pathlib.Path, data: pathlib.Path, metrics: list[str]) -> dict:
     assert results["settings"]["data"] == str(data)
     assert results["settings"]["data_hash"] == data_fingerprint(user_task(str(data)))
     assert results["failures"] == []
+    assert (results["settings"]["eval_size"], results["settings"]["final_eval_size"]) == (2, 2)
     (run,) = results["runs"]
     assert [p[0] for p in run["eval_loss"]] == [0, 1, 2]
     for name in metrics:
