@@ -104,6 +104,26 @@ def test_paired_differences_verdicts():
     assert one["verdict"] == "too few seeds" and one["mean"] == pytest.approx(0.06)
 
 
+def test_paired_differences_rounding_is_no_difference():
+    """Equal accuracies computed in a different order differ by ~1e-17; such a seed is a tie
+    of that seed, so the interval touches 0 and the verdict is no win."""
+    same = sum([0.1, 0.2, 0.3]) / 3  # 0.2 + 1.85e-17 ...
+    again = sum([0.3, 0.2, 0.1]) / 3
+    assert same != again  # the premise: the same number in floating point, two values
+    ref = [_record("adamw", 1e-3, s, 1.0, acc) for s, acc in enumerate([0.5, again, 0.5])]
+    mine = [_record("riemannion", 1e-3, s, 1.0, acc) for s, acc in enumerate([0.52, same, 0.53])]
+    p = paired_differences(mine, ref, "accuracy")
+    assert p["diffs"][1] == 0.0 and p["ci95"][0] == 0.0
+    assert p["verdict"] == "tie"
+    tiny = [_record("riemannion", 1e-3, s, 1.0, acc) for s, acc in enumerate([0.52, 0.5001, 0.53])]
+    assert (
+        paired_differences(
+            tiny, [_record("adamw", 1e-3, s, 1.0, 0.5) for s in range(3)], "accuracy"
+        )["verdict"]
+        == "win"
+    )  # fmt: skip  (a real 1e-4 counts)
+
+
 def test_lr_band_at_20_percent_is_wider():
     losses = {1e-4: 1.15, 3e-4: 1.04, 1e-3: 1.0, 3e-3: 1.1, 1e-2: 2.0}
     assert lr_band_decades(losses) == pytest.approx(math.log10(1e-3 / 3e-4))

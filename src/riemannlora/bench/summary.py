@@ -81,6 +81,17 @@ def _lower_is_better(metric: str) -> bool:
     return "loss" in metric
 
 
+#: Relative size below which a paired difference is rounding, not a result: two equal
+#: accuracies summed in another order differ by ~1e-17, and such a difference must not decide
+#: the sign of a seed (and with it a verdict).
+DIFFERENCE_TOLERANCE = 1e-9
+
+
+def _difference(mine: float, ref: float) -> float:
+    diff = mine - ref
+    return 0.0 if abs(diff) <= DIFFERENCE_TOLERANCE * max(abs(mine), abs(ref), 1.0) else diff
+
+
 def paired_differences(
     runs: list[dict[str, Any]], ref_runs: list[dict[str, Any]], metric: str
 ) -> dict[str, Any] | None:
@@ -100,7 +111,7 @@ def paired_differences(
     seeds = sorted(set(mine) & set(ref))
     if not seeds:
         return None
-    diffs = [mine[s] - ref[s] for s in seeds]
+    diffs = [_difference(mine[s], ref[s]) for s in seeds]
     lo, hi = bootstrap_ci(diffs)
     better = (lambda x: x < 0) if _lower_is_better(metric) else (lambda x: x > 0)
     if len(seeds) < MIN_SEEDS:
