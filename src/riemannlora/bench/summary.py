@@ -88,8 +88,8 @@ DIFFERENCE_TOLERANCE = 1e-9
 
 
 def _difference(mine: float, ref: float) -> float:
-    diff = mine - ref
-    return 0.0 if abs(diff) <= DIFFERENCE_TOLERANCE * max(abs(mine), abs(ref), 1.0) else diff
+    tol = DIFFERENCE_TOLERANCE
+    return 0.0 if math.isclose(mine, ref, rel_tol=tol, abs_tol=tol) else mine - ref
 
 
 def paired_differences(
