@@ -592,6 +592,37 @@ def test_cli_eval_sizes_beyond_the_data_are_refused(task, flag, limit, capsys, t
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_workload_is_scored_and_bounded_by_its_scorer_not_its_name():
+    """final_metrics and size_limits ask the workload's scorer: another scorer on the e2e data
+    is called with the run's sizes (a model the e2e scorer could not decode with is never
+    touched) and bounds final_eval_size by its own count."""
+    from riemannlora.bench.scoring import E2E, FinalEval, Scorer
+    from riemannlora.bench.workloads import final_metrics
+
+    seen: list[FinalEval] = []
+
+    def score(final: FinalEval) -> dict:
+        seen.append(final)
+        return {"bleu": 1.0}
+
+    scorer = Scorer(score, lambda test: (len(test) // 2, "half of its test rows"), True)
+    workload = dataclasses.replace(WORKLOADS["e2e"], scorer=scorer)
+    out = final_metrics(
+        workload, None, None, final_eval_size=3, max_length=16, max_new_tokens=2, eval_size=5
+    )
+    assert out == {"bleu": 1.0}
+    (final,) = seen
+    assert (final.final_eval_size, final.eval_size, final.max_new_tokens) == (3, 5, 2)
+    assert final.task.test == _split_rows("e2e", "test")
+    n_test = len(_split_rows("e2e", "test"))
+    assert workload.size_limits()["final_eval_size"] == (n_test // 2, "half of its test rows")
+    assert WORKLOADS["e2e"].scorer is E2E
+    distinct = len({r["mr"] for r in _split_rows("e2e", "test")})
+    assert WORKLOADS["e2e"].size_limits()["final_eval_size"][0] == distinct
+    with pytest.raises(ValueError, match="no scorer"):
+        dataclasses.replace(WORKLOADS["e2e"], scorer=None).size_limits()
+
+
 def test_cli_preset_sizes_beyond_the_data_read_all_of_it():
     """The gpu preset asks clinc150 for more test queries than it has: the run records what
     it reads (all of them), not the preset's number."""

@@ -500,7 +500,7 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
         if getattr(args, name, None) is not None:
             parser.error(
                 f"--{name.replace('_', '-')} {sizes[name]}: "
-                f"{'--data' if workload.name == 'custom' else workload.name} has no more "
+                f"{'--data' if workload.data else workload.name} has no more "
                 f"({why}); use at most {limit}"
             )
         sizes[name] = limit  # a preset's size beyond the data (a small --data): all of it

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -54,16 +53,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from riemannlora.bench import scoring as scorers
 from riemannlora.bench.assets import MINILM_ID, SMOLLM2_ID, load_causal_lm, load_sequence_classifier
+from riemannlora.bench.scoring import SCORINGS, FinalEval, Scorer, eval_loss
 from riemannlora.bench.tasks import (
     COMMONSENSE_TEST_SETS,
     Collator,
     TaskData,
-    e2e_references,
-    extract_choice,
-    extract_number,
-    greedy_generate,
-    option_logprobs,
     task_data,
     tokenize_rows,
 )
@@ -82,8 +78,6 @@ __all__ = [
 
 #: Names of output layers that never get LoRA.
 HEAD_NAMES = ("classifier", "score", "lm_head")
-#: How commonsense answers are scored.
-SCORINGS = ("likelihood", "generate")
 
 
 @dataclass(frozen=True)
@@ -92,8 +86,9 @@ class Workload:
 
     ``presets[name]`` maps setting names of :class:`riemannlora.bench.runner.RunConfig`
     (``steps``, ``batch_size``, ``eval_every``, ``eval_size``, ``final_eval_size``,
-    ``max_length``, ``max_new_tokens``) to values. ``data``: the ``--data`` source of a
-    ``custom`` workload.
+    ``max_length``, ``max_new_tokens``) to values. ``scorer``: how the test split is scored
+    (:mod:`riemannlora.bench.scoring`; the diffusion task scores itself). ``data``: the
+    ``--data`` source of a ``custom`` workload.
     """
 
     name: str
@@ -104,6 +99,7 @@ class Workload:
     eval_batch_size: int
     metrics: tuple[str, ...] = ()  # every final metric of the table (default: (metric,))
     quick_model: str | None = None  # model of the quick preset (default: default_model)
+    scorer: Scorer | None = None  # None only for the diffusion task
     data: str = ""
     columns: str = ""
 
@@ -122,9 +118,7 @@ class Workload:
 
     def task(self) -> TaskData:
         """The task's data (built-in or the user's), read once per process."""
-        return (
-            _user_task(self.data, self.columns) if self.name == "custom" else task_data(self.name)
-        )
+        return _user_task(self.data, self.columns) if self.data else task_data(self.name)
 
     def size_limits(self, model: str = "") -> dict[str, tuple[int, str]]:
         """The largest ``eval_size`` / ``final_eval_size`` the task's data hold, each with
@@ -140,19 +134,14 @@ class Workload:
             config = PRETRAIN_CONFIGS[model]
             n = int((load_mnist("test", config.image_size)[1] == config.subject).sum())
             return {"eval_size": (n, f"its subject, digit {config.subject}, has {n} test images")}
+        if self.scorer is None:
+            raise ValueError(f"workload {self.name!r} has no scorer")
         task = self.task()
         n_val, test = len(task.split("validation")), task.split("test")
         limits = {"eval_size": (n_val, f"its validation split has {n_val} rows")}
-        if self.name in ("e2e", "gsm8k") and len(test) < n_val:  # their test loss reads it too
+        if self.scorer.test_loss_rows and len(test) < n_val:  # its test loss reads them too
             limits["eval_size"] = (len(test), f"its test split has {len(test)} rows")
-        if self.name == "e2e":
-            n = len(e2e_references(test)[0])
-            limits["final_eval_size"] = (n, f"its test split has {n} distinct MRs")
-        elif self.name == "commonsense":  # the first N questions of each test set
-            n = max(sum(1 for r in test if r["set"] == name) for name in COMMONSENSE_TEST_SETS)
-            limits["final_eval_size"] = (n, f"its largest test set has {n} questions")
-        else:
-            limits["final_eval_size"] = (len(test), f"its test split has {len(test)} rows")
+        limits["final_eval_size"] = self.scorer.final_limit(test)
         return limits
 
 
@@ -181,6 +170,7 @@ _CLINC = Workload(
     metrics=("accuracy", "test_loss"),
     presets=_CLASSIFIER_PRESETS,
     eval_batch_size=128,
+    scorer=scorers.CLASSIFICATION,
 )
 _CLINC_OOS = dataclasses.replace(
     _CLINC, name="clinc150-oos", metrics=("accuracy", "oos_recall", "test_loss")
@@ -197,6 +187,7 @@ _E2E = Workload(
         "gpu": _sizes(800, 16, 100, 467, 630, 128, 64),
     },
     eval_batch_size=16,
+    scorer=scorers.E2E,
 )
 _COMMONSENSE = Workload(
     name="commonsense",
@@ -210,6 +201,7 @@ _COMMONSENSE = Workload(
         "gpu": _sizes(1500, 16, 100, 500, 500, 256, 12),
     },
     eval_batch_size=16,
+    scorer=scorers.COMMONSENSE,
 )
 _GSM8K = Workload(
     name="gsm8k",
@@ -223,6 +215,7 @@ _GSM8K = Workload(
         "gpu": _sizes(1500, 16, 100, 500, 1319, 384, 256),
     },
     eval_batch_size=8,
+    scorer=scorers.GSM8K,
 )
 _DIFFUSION = Workload(
     name="diffusion",
@@ -280,6 +273,7 @@ def get_workload(task: str, data: str = "", columns: str = "") -> Workload:
                 "quick": _sizes(4, 4, 2, 8, 8, 256, 0),
             },
             eval_batch_size=16,
+            scorer=scorers.TEST_LOSS,
             data=data,
             columns=columns,
         )
@@ -472,137 +466,6 @@ def eval_batches(
     return [collate(list(examples[i : i + size])) for i in range(0, len(examples), size)]
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def _weight(batch: dict[str, torch.Tensor]) -> int:
-    """Number of loss terms in a batch: examples (classification, diffusion) or predicted
-    target tokens (causal; the label of position t + 1 is predicted at t)."""
-    if "pixel_values" in batch:
-        return len(batch["pixel_values"])
-    labels = batch["labels"]
-    if labels.dim() == 1:
-        return labels.numel()
-    return int((labels[:, 1:] != -100).sum())
-
-
-@torch.no_grad()
-def eval_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Mean loss over all examples / target tokens of ``batches`` (eval mode, restored after)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    try:
-        for batch in batches:
-            w = _weight(batch)
-            total += float(model(**_to(batch, device)).loss) * w
-            count += w
-    finally:
-        model.train(was_training)
-    return total / count if count else math.nan
-
-
-@torch.no_grad()
-def _predictions(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> tuple[list, list]:
-    """(predicted, true) labels of classification batches (eval mode, restored after)."""
-    was_training = model.training
-    model.eval()
-    predicted: list[int] = []
-    truth: list[int] = []
-    try:
-        for batch in batches:
-            logits = model(**_to(batch, next(model.parameters()).device)).logits
-            predicted += logits.argmax(-1).cpu().tolist()
-            truth += batch["labels"].tolist()
-    finally:
-        model.train(was_training)
-    return predicted, truth
-
-
-def _chunks(items: list, size: int, desc: str, progress: bool) -> Iterator[list]:
-    from tqdm.auto import tqdm
-
-    starts = range(0, len(items), size)
-    bar = tqdm(
-        starts, desc=desc, leave=False, unit="batch", disable=not progress, dynamic_ncols=True
-    )
-    for start in bar:
-        yield items[start : start + size]
-
-
-def _classification_metrics(
-    workload: Workload, model: nn.Module, tokenizer: Any, n: int, max_length: int
-) -> dict[str, Any]:
-    batches = eval_batches(workload, tokenizer, n=n, max_length=max_length, split="test")
-    predicted, truth = _predictions(model, batches)
-    out: dict[str, Any] = {"test_loss": eval_loss(model, batches)}
-    oos = workload.task().info.get("oos_label")
-    if oos is None:
-        out["accuracy"] = sum(p == t for p, t in zip(predicted, truth)) / len(truth)
-        return out
-    inscope = [(p, t) for p, t in zip(predicted, truth) if t != oos]
-    outscope = [p for p, t in zip(predicted, truth) if t == oos]
-    out["accuracy"] = sum(p == t for p, t in inscope) / len(inscope) if inscope else math.nan
-    out["oos_recall"] = sum(p == oos for p in outscope) / len(outscope) if outscope else math.nan
-    return out
-
-
-def _e2e_metrics(model, tokenizer, workload, size, n, eval_size, max_length, new, progress):
-    from riemannlora.bench.metrics import corpus_bleu, nist, rouge_l
-
-    prompts, references = e2e_references(workload.task().test)
-    prompts, references = prompts[:n], references[:n]
-    outputs: list[str] = []
-    for chunk in _chunks(prompts, size, "greedy decode", progress):
-        outputs += greedy_generate(model, tokenizer, chunk, max_new_tokens=new, batch_size=size)
-    test = eval_batches(workload, tokenizer, n=eval_size, max_length=max_length, split="test")
-    return {
-        "bleu": corpus_bleu(outputs, references),
-        "rouge_l": rouge_l(outputs, references),
-        "nist": nist(outputs, references),
-        "test_loss": eval_loss(model, test),
-        "samples": [{"prompt": p, "output": o} for p, o in list(zip(prompts, outputs))[:3]],
-    }
-
-
-def _commonsense_metrics(model, tokenizer, workload, size, n, max_length, new, scoring, progress):
-    if scoring not in SCORINGS:
-        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-    rows = workload.task().test
-    out: dict[str, Any] = {"scoring": scoring}
-    for name in COMMONSENSE_TEST_SETS:
-        chosen = [r for r in rows if r["set"] == name][:n]
-        hits = 0
-        for chunk in _chunks(chosen, size, f"{name} ({scoring})", progress):
-            prompts = [r["prompt"] for r in chunk]
-            if scoring == "likelihood":
-                cands = [[f"the correct answer is {o}" for o in r["options"]] for r in chunk]
-                scores = option_logprobs(
-                    model, tokenizer, prompts, cands, size, max_length, eos=False
-                )
-                picked = [r["options"][max(range(len(s)), key=s.__getitem__)]
-                          for r, s in zip(chunk, scores)]  # fmt: skip
-            else:
-                texts = greedy_generate(model, tokenizer, prompts, new, batch_size=size)
-                picked = [extract_choice(t, r["options"]) for t, r in zip(texts, chunk)]
-            hits += sum(p == r["answer"] for p, r in zip(picked, chunk))
-        out[name] = hits / len(chosen)
-    out["accuracy"] = sum(out[name] for name in COMMONSENSE_TEST_SETS) / len(COMMONSENSE_TEST_SETS)
-    return out
-
-
-def _gsm8k_metrics(model, tokenizer, workload, size, n, eval_size, max_length, new, progress):
-    rows = workload.task().test[:n]
-    hits = 0
-    for chunk in _chunks(rows, size, "greedy decode", progress):
-        texts = greedy_generate(model, tokenizer, [r["prompt"] for r in chunk], new, size)
-        hits += sum(extract_number(t) == r["number"] for t, r in zip(texts, chunk))
-    test = eval_batches(workload, tokenizer, n=eval_size, max_length=max_length, split="test")
-    return {"exact_match": hits / len(rows), "answer_loss": eval_loss(model, test)}
-
-
 def final_metrics(
     workload: Workload,
     model: nn.Module,
@@ -615,27 +478,29 @@ def final_metrics(
     scoring: str = "likelihood",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The task's final metrics on its test split after training (see the module docstring).
-    e2e also returns ``"samples"``: the first three (prompt, generation) pairs."""
-    size = workload.eval_batch_size
+    """The task's final metrics on its test split after training (its
+    :attr:`Workload.scorer`; the diffusion task's own). e2e also returns ``"samples"``: the
+    first three (prompt, generation) pairs."""
     if workload.kind == "diffusion":
         return tokenizer.final_metrics(model, final_eval_size)
-    if workload.kind == "classification":
-        return _classification_metrics(workload, model, tokenizer, final_eval_size, max_length)
-    if workload.name == "e2e":
-        return _e2e_metrics(
-            model, tokenizer, workload, size, final_eval_size, eval_size, max_length,
-            max_new_tokens, progress,
-        )  # fmt: skip
-    if workload.name == "commonsense":
-        return _commonsense_metrics(
-            model, tokenizer, workload, size, final_eval_size, max_length, max_new_tokens,
-            scoring, progress,
-        )  # fmt: skip
-    if workload.name == "gsm8k":
-        return _gsm8k_metrics(
-            model, tokenizer, workload, size, final_eval_size, eval_size, max_length,
-            max_new_tokens, progress,
-        )  # fmt: skip
-    test = eval_batches(workload, tokenizer, n=final_eval_size, max_length=max_length, split="test")
-    return {"test_loss": eval_loss(model, test)}
+    if workload.scorer is None:
+        raise ValueError(f"workload {workload.name!r} has no scorer")
+
+    def test_batches(n: int) -> list[dict[str, torch.Tensor]]:
+        return eval_batches(workload, tokenizer, n=n, max_length=max_length, split="test")
+
+    return workload.scorer.score(
+        FinalEval(
+            model=model,
+            tokenizer=tokenizer,
+            task=workload.task(),
+            test_batches=test_batches,
+            batch_size=workload.eval_batch_size,
+            final_eval_size=final_eval_size,
+            eval_size=eval_size,
+            max_length=max_length,
+            max_new_tokens=max_new_tokens,
+            scoring=scoring,
+            progress=progress,
+        )
+    )
