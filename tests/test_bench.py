@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import math
 import pathlib
@@ -13,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import riemannlora
 from riemannlora import cli
 from riemannlora.bench.assets import canonical_model_id
+from riemannlora.bench.measure import source_digest
 from riemannlora.bench.methods import (
     MAIN_METHODS,
     METHODS,
@@ -623,6 +626,34 @@ def test_a_workload_is_scored_and_bounded_by_its_scorer_not_its_name():
         dataclasses.replace(WORKLOADS["e2e"], scorer=None).size_limits()
 
 
+def test_source_digest_tells_builds_apart(tmp_path):
+    """A run records the digest of the code it ran: any edit, rename or move of bytes between
+    source files changes it; files other than *.py and a rewrite to the same bytes do not."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    a, b = pkg / "a.py", pkg / "sub" / "b.py"
+    a.write_text("x = 1\n")
+    b.write_text("y = 2\n")
+    (pkg / "notes.txt").write_text("not code")
+    d0 = source_digest(pkg)
+    assert re.fullmatch("[0-9a-f]{64}", d0) and source_digest(pkg) == d0
+    (pkg / "notes.txt").write_text("still not code")
+    a.write_text("x = 1\n")
+    assert source_digest(pkg) == d0
+    a.write_text("x = 2\n")
+    assert source_digest(pkg) != d0
+    a.write_text("x = 1\n")
+    assert source_digest(pkg) == d0
+    a.write_text("x = 1\ny")  # the same bytes in all, moved from one file to the other
+    b.write_text(" = 2\n")
+    assert source_digest(pkg) != d0
+    a.write_text("x = 1\n")
+    b.write_text("y = 2\n")
+    b.rename(pkg / "sub" / "c.py")
+    assert source_digest(pkg) != d0
+    assert source_digest() == source_digest(pathlib.Path(riemannlora.__file__).parent)
+
+
 def test_cli_preset_sizes_beyond_the_data_read_all_of_it():
     """The gpu preset asks clinc150 for more test queries than it has: the run records what
     it reads (all of them), not the preset's number."""
@@ -821,6 +852,9 @@ def test_bench_quick_every_task(task, extra, tmp_path, capsys):
         # SmolLM2-135M: 30 layers; q/o 576 -> 576, k/v 576 -> 192 (3 KV heads of 64); r = 8
         assert results["settings"]["targets"] == results["lora_targets"] == "attention"
         assert run["trainable_params"] == 30 * 8 * (2 * (576 + 576) + 2 * (576 + 192))
+    env = run["env"]
+    assert env["riemannlora"] == riemannlora.__version__ and env["source"] == source_digest()
+    assert env["peft"] == importlib.metadata.version("peft") and env["threads"] == 1
     if task == "e2e":
         assert len(final["samples"]) == 2
         assert all(isinstance(s["output"], str) for s in final["samples"])

@@ -1,4 +1,4 @@
-"""Measuring a run: peak memory and synchronized wall-clock time.
+"""Measuring a run: peak memory, synchronized wall-clock time and the environment it ran in.
 
 :class:`PeakMemory` reports the peak memory growth over a block, in MiB:
 
@@ -14,19 +14,30 @@
 
 ``tracemalloc`` would be exact for Python objects but does not see torch's allocations and
 slows training down several times, so it is not used.
+
+:func:`environment` is what a run's record keeps of where and with what it ran: the versions of
+torch, PEFT and transformers, riemannlora's version and :func:`source_digest` of its source
+(two builds with the same version number but different code differ there), threads, device
+and machine.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import platform
 import resource
 import sys
 import time
 
 import torch
 
-__all__ = ["PeakMemory", "clock"]
+__all__ = ["PeakMemory", "clock", "environment", "source_digest"]
 
 
 def _proc_status_kb(field: str) -> int | None:
@@ -92,3 +103,49 @@ def clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+def source_digest(root: str | os.PathLike | None = None) -> str:
+    """SHA-256 over the ``*.py`` files under ``root`` (default: the installed riemannlora
+    package): each file's path relative to ``root`` and its bytes, in path order. It changes
+    with any edit, addition, removal or rename of a source file."""
+    if root is None:
+        return _package_digest()
+    base = pathlib.Path(root)
+    h = hashlib.sha256()
+    for path in sorted(base.rglob("*.py")):
+        rel = path.relative_to(base).as_posix().encode()
+        data = path.read_bytes()
+        h.update(len(rel).to_bytes(8, "little") + rel + len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _package_digest() -> str:
+    import riemannlora
+
+    return source_digest(pathlib.Path(riemannlora.__file__).resolve().parent)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: str) -> dict[str, object]:
+    """Where and with what a run ran (see the module docstring)."""
+    import riemannlora
+
+    return {
+        "torch": torch.__version__,
+        "peft": _version("peft"),
+        "transformers": _version("transformers"),
+        "riemannlora": riemannlora.__version__,
+        "source": source_digest(),
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+    }

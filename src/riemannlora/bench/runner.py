@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from riemannlora.bench.assets import AssetNotFoundError
-from riemannlora.bench.measure import PeakMemory, clock
+from riemannlora.bench.measure import PeakMemory, clock, environment
 from riemannlora.bench.methods import (
     METHODS,
     MethodContext,
@@ -346,13 +346,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         "memory_kind": memory.kind,
         "wall_s": time.perf_counter() - start,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "env": {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": cfg.device,
-            "machine": platform.machine(),
-            "cpus": os.cpu_count(),
-        },
+        "env": environment(cfg.device),
     }
 
 
