@@ -627,23 +627,28 @@ def test_a_workload_is_scored_and_bounded_by_its_scorer_not_its_name():
 
 
 def test_source_digest_tells_builds_apart(tmp_path):
-    """A run records the digest of the code it ran: any edit, rename or move of bytes between
-    source files changes it; files other than *.py and a rewrite to the same bytes do not."""
+    """A run records the digest of the code and data it ran: any edit, rename or move of bytes
+    between files changes it; __pycache__ and a rewrite to the same bytes do not; a folder
+    without files (a zipped install) has none."""
     pkg = tmp_path / "pkg"
     (pkg / "sub").mkdir(parents=True)
-    a, b = pkg / "a.py", pkg / "sub" / "b.py"
+    assert source_digest(pkg) is None
+    a, b, data = pkg / "a.py", pkg / "sub" / "b.py", pkg / "sub" / "rows.json.xz"
     a.write_text("x = 1\n")
     b.write_text("y = 2\n")
-    (pkg / "notes.txt").write_text("not code")
+    data.write_bytes(b"\xfd7zXZ rows")
     d0 = source_digest(pkg)
     assert re.fullmatch("[0-9a-f]{64}", d0) and source_digest(pkg) == d0
-    (pkg / "notes.txt").write_text("still not code")
+    (pkg / "__pycache__").mkdir()
+    (pkg / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"compiled")
     a.write_text("x = 1\n")
     assert source_digest(pkg) == d0
-    a.write_text("x = 2\n")
-    assert source_digest(pkg) != d0
-    a.write_text("x = 1\n")
-    assert source_digest(pkg) == d0
+    for path, changed in ((a, "x = 2\n"), (data, "other rows")):
+        before = path.read_bytes()
+        path.write_text(changed)
+        assert source_digest(pkg) != d0
+        path.write_bytes(before)
+        assert source_digest(pkg) == d0
     a.write_text("x = 1\ny")  # the same bytes in all, moved from one file to the other
     b.write_text(" = 2\n")
     assert source_digest(pkg) != d0

@@ -458,7 +458,7 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
     from riemannlora.bench.data import DataError
     from riemannlora.bench.runner import RunConfig
     from riemannlora.bench.userdata import data_fingerprint
-    from riemannlora.bench.workloads import get_workload
+    from riemannlora.bench.workloads import WORKLOADS, get_workload
 
     _check_positive(parser, args)
     preset = _resolve_preset(parser, args)
@@ -473,8 +473,9 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
         data_hash = data_fingerprint(workload.task()) if args.data else ""
     except DataError as exc:
         parser.error(f"--data: {exc}")
-    if args.scoring != "likelihood" and workload.name != "commonsense":
-        parser.error("--scoring is for --task commonsense")
+    if args.scoring != "likelihood" and not (workload.scorer and workload.scorer.scorings):
+        choosers = [n for n, w in WORKLOADS.items() if w.scorer and w.scorer.scorings]
+        parser.error(f"--scoring is for --task {' or '.join(choosers)}")
     methods, skipped = _resolve_methods(parser, args, preset)
     if args.seeds:
         seeds = _parse_seeds(parser, args.seeds)
@@ -591,7 +592,8 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except AssetNotFoundError as exc:
         print(f"riemannlora bench: error: {exc}", file=sys.stderr)
         return 2
-    metrics = get_workload(base.task, base.data, base.columns).table_metrics()
+    workload = get_workload(base.task, base.data, base.columns)
+    metrics = workload.table_metrics()
     results = {
         "bench_version": BENCH_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -622,7 +624,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     }
     task_name = f"{base.task} ({base.data})" if base.data else base.task
     title = f"riemannlora bench: {task_name} / {base.model} ({plan.preset})"
-    if base.task == "commonsense":
+    if workload.scorer and workload.scorer.scorings:
         title += f", answers scored by {base.scoring}"
     if missing:
         title += f" -- partial: {len(missing)} planned run(s) not run yet"

@@ -17,8 +17,9 @@ slows training down several times, so it is not used.
 
 :func:`environment` is what a run's record keeps of where and with what it ran: the versions of
 torch, PEFT and transformers, riemannlora's version and :func:`source_digest` of its source
-(two builds with the same version number but different code differ there), threads, device
-and machine.
+and data (two builds with the same version number but different code differ there), threads,
+device and machine. The digest is taken once per process, at its first call: the harness
+calls :func:`environment` before a run trains, so it reads the files the process imported.
 """
 
 from __future__ import annotations
@@ -105,15 +106,23 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def source_digest(root: str | os.PathLike | None = None) -> str:
-    """SHA-256 over the ``*.py`` files under ``root`` (default: the installed riemannlora
-    package): each file's path relative to ``root`` and its bytes, in path order. It changes
-    with any edit, addition, removal or rename of a source file."""
+def source_digest(root: str | os.PathLike | None = None) -> str | None:
+    """SHA-256 over the files under ``root`` (default: the installed riemannlora package, its
+    embedded data included; ``__pycache__`` left out): each file's path relative to ``root``
+    and its bytes, in path order. It changes with any edit, addition, removal or rename of a
+    file. ``None`` where ``root`` holds no file (a zipped install)."""
     if root is None:
         return _package_digest()
     base = pathlib.Path(root)
+    files = sorted(
+        path
+        for path in base.rglob("*")
+        if path.is_file() and "__pycache__" not in path.relative_to(base).parts
+    )
+    if not files:
+        return None
     h = hashlib.sha256()
-    for path in sorted(base.rglob("*.py")):
+    for path in files:
         rel = path.relative_to(base).as_posix().encode()
         data = path.read_bytes()
         h.update(len(rel).to_bytes(8, "little") + rel + len(data).to_bytes(8, "little") + data)
@@ -121,7 +130,7 @@ def source_digest(root: str | os.PathLike | None = None) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _package_digest() -> str:
+def _package_digest() -> str | None:
     import riemannlora
 
     return source_digest(pathlib.Path(riemannlora.__file__).resolve().parent)

@@ -283,6 +283,7 @@ def _train_loop(
 def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Run ``cfg`` and return its record (JSON-ready; non-finite numbers become ``None``)."""
     start = time.perf_counter()
+    env = environment(cfg.device)  # before training: the digest of the code this process runs
     workload, method = get_workload(cfg.task, cfg.data, cfg.columns), get_method(cfg.method)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)  # the new classifier head and PEFT's lora_A init
@@ -346,7 +347,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         "memory_kind": memory.kind,
         "wall_s": time.perf_counter() - start,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "env": environment(cfg.device),
+        "env": env,
     }
 
 

@@ -8,7 +8,9 @@ things, so that nothing downstream asks for a task by name:
 * ``final_limit(test)``: the largest ``final_eval_size`` the test split holds, with what bounds
   it (rows, distinct meaning representations, the largest test set);
 * ``test_loss_rows``: whether the test loss reads the first ``eval_size`` test rows (so that
-  ``eval_size`` is bounded by the test split as well as the validation split).
+  ``eval_size`` is bounded by the test split as well as the validation split);
+* ``scorings``: the ways it can score answers (``--scoring``; :data:`SCORINGS` for
+  ``commonsense``, none for the others).
 
 The scorers of the built-in tasks: :data:`CLASSIFICATION` (``clinc150``, ``clinc150-oos`` and a
 user's classification data), :data:`E2E`, :data:`COMMONSENSE`, :data:`GSM8K` and
@@ -80,6 +82,7 @@ class Scorer:
     score: Callable[[FinalEval], dict[str, Any]]
     final_limit: Callable[[list[dict[str, Any]]], tuple[int, str]]
     test_loss_rows: bool = False
+    scorings: tuple[str, ...] = ()
 
 
 def _rows(test: list[dict[str, Any]]) -> tuple[int, str]:
@@ -246,5 +249,5 @@ def _gsm8k(f: FinalEval) -> dict[str, Any]:
 CLASSIFICATION = Scorer(_classification, _rows)
 TEST_LOSS = Scorer(_test_loss, _rows)
 E2E = Scorer(_e2e, _e2e_limit, test_loss_rows=True)
-COMMONSENSE = Scorer(_commonsense, _commonsense_limit)
+COMMONSENSE = Scorer(_commonsense, _commonsense_limit, scorings=SCORINGS)
 GSM8K = Scorer(_gsm8k, _rows, test_loss_rows=True)
